@@ -1,0 +1,78 @@
+"""Generate completions from the policy: chat template, left padding, explicit sampling settings.
+
+Used by the gold evaluation, by the data-generation script and by every online method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are drawn. Every online method states these explicitly."""
+
+    max_new_tokens: int = 48
+    """Longest completion, in tokens."""
+    do_sample: bool = True
+    """False: greedy decoding (temperature and top_p are then ignored)."""
+    temperature: float = 1.0
+    """Softmax temperature; 1.0 samples from the policy itself (what on-policy RL assumes)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 keeps the whole distribution."""
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """A prompt as the model sees it: chat template + generation prompt for conversations, else as is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    settings: SamplingSettings = SamplingSettings(),
+    num_return_sequences: int = 1,
+    batch_size: int = 16,
+    seed: int | None = 0,
+    progress: bool = True,
+) -> list[str]:
+    """Completions for ``prompts`` (strings or message lists), ``num_return_sequences`` per prompt, in order.
+
+    Returns decoded completion texts without special tokens: prompt i's k-th sample is at
+    ``i * num_return_sequences + k``.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    texts = [prompt_text(tokenizer, p) for p in prompts]
+    out: list[str] = []
+    sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=None) if settings.do_sample else {}
+    try:
+        batches = range(0, len(texts), batch_size)
+        for start in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2, leave=False):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+            ids = model.generate(
+                **enc,
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=settings.do_sample,
+                num_return_sequences=num_return_sequences,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+            completion_ids = ids[:, enc["input_ids"].shape[1] :]  # (B * n, T_new)
+            out.extend(tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [o.strip() for o in out]
