@@ -19,17 +19,20 @@ def compare(
 ) -> None:
     """Call both functions on ``trials`` random input sets; raise AssertionError on the first mismatch.
 
-    ``make_inputs(generator)`` returns keyword arguments; both functions get identical copies.
+    ``make_inputs(generator)`` returns the arguments in order (a dict); both functions get identical copies. A learner
+    function that still raises NotImplementedError is reported as "not attempted" (the notebook goes on),
+    so notebooks run top to bottom in CI with the exercises left for the learner.
     """
     for trial in range(trials):
         g = torch.Generator().manual_seed(trial)
         inputs = make_inputs(g)
         clone = lambda d: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}  # noqa: E731
-        expected = reference_fn(**clone(inputs))
+        expected = reference_fn(*clone(inputs).values())  # positional: the learner may name arguments freely
         try:
-            got = learner_fn(**clone(inputs))
+            got = learner_fn(*clone(inputs).values())
         except NotImplementedError:
-            raise AssertionError(f"{name}: not implemented yet - replace the `raise NotImplementedError` with your code")
+            print(f"… {name}: not attempted yet: replace `raise NotImplementedError` with your code and re-run")
+            return
         _assert_close(name, got, expected, inputs, atol, rtol)
     print(f"✓ {name}: matches the reference on {trials} random inputs")
 

@@ -1,0 +1,81 @@
+"""rlcourse.logprobs against a naive loop, and padded == unpadded."""
+
+import torch
+import torch.nn.functional as F
+
+from rlcourse.logprobs import (collate, forward_logprobs, masked_mean, masked_sum, token_entropy, token_logprobs,
+                               tokenize_prompt_completion)
+from rlcourse.models import tiny_model
+
+
+def naive_token_logprobs(logits, input_ids):
+    B, T, _ = logits.shape
+    out = torch.zeros(B, T - 1)
+    for b in range(B):
+        for t in range(T - 1):
+            probs = torch.softmax(logits[b, t].double(), -1)
+            out[b, t] = torch.log(probs[input_ids[b, t + 1]]).float()
+    return out
+
+
+def test_token_logprobs_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 17, generator=g) * 4
+    ids = torch.randint(0, 17, (3, 6), generator=g)
+    torch.testing.assert_close(token_logprobs(logits, ids), naive_token_logprobs(logits, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_matches_definition_and_bounds():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 9, generator=g)
+    p = torch.softmax(logits[:, :-1], -1)
+    torch.testing.assert_close(token_entropy(logits), -(p * p.log()).sum(-1))
+    assert (token_entropy(logits) <= torch.log(torch.tensor(9.0)) + 1e-6).all()
+    uniform = torch.zeros(1, 3, 9)
+    torch.testing.assert_close(token_entropy(uniform), torch.full((1, 2), torch.log(torch.tensor(9.0)).item()))
+
+
+def test_masked_sum_and_mean():
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert masked_sum(v, m).tolist() == [3.0, 6.0]
+    assert masked_mean(v, m).tolist() == [1.5, 6.0]
+
+
+def test_completion_mask_covers_exactly_the_completion(tokenizer):
+    prompt = [{"role": "user", "content": "Name a colour."}]
+    completion = [{"role": "assistant", "content": "Blue."}]
+    ex = tokenize_prompt_completion(tokenizer, prompt, completion)
+    n_prompt = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"])
+    assert ex["completion_mask"] == [0] * n_prompt + [1] * (len(ex["input_ids"]) - n_prompt)
+    completion_text = tokenizer.decode([i for i, m in zip(ex["input_ids"], ex["completion_mask"]) if m])
+    assert completion_text.startswith("Blue.") and tokenizer.eos_token in completion_text
+
+
+def test_padded_batch_equals_unpadded_rows(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    rows = [
+        tokenize_prompt_completion(tokenizer, [{"role": "user", "content": q}], [{"role": "assistant", "content": a}])
+        for q, a in [("Hi?", "Hello there, how can I help you today?"), ("Capital of France?", "Paris.")]
+    ]
+    batch = collate(rows, tokenizer.pad_token_id)
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()  # the second row is padded
+    with torch.no_grad():
+        padded = forward_logprobs(model, batch)
+        for i, row in enumerate(rows):
+            alone = forward_logprobs(model, collate([row], tokenizer.pad_token_id))
+            n = alone["mask"].shape[1]
+            torch.testing.assert_close(padded["mask"][i, :n], alone["mask"][0])
+            torch.testing.assert_close(padded["logps"][i, :n] * padded["mask"][i, :n],
+                                       alone["logps"][0] * alone["mask"][0], atol=1e-5, rtol=1e-5)
+            assert padded["mask"][i, n:].sum() == 0  # padding never counts
+            torch.testing.assert_close(masked_sum(padded["logps"], padded["mask"])[i],
+                                       masked_sum(alone["logps"], alone["mask"])[0], atol=1e-4, rtol=1e-5)
+
+
+def test_collate_truncates_keeping_the_start(tokenizer):
+    row = {"input_ids": list(range(10)), "completion_mask": [0] * 4 + [1] * 6}
+    batch = collate([row], tokenizer.pad_token_id, max_length=6)
+    assert batch["input_ids"].tolist() == [list(range(6))]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 0, 1, 1]]
