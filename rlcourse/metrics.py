@@ -1,0 +1,88 @@
+"""The per-step metrics log of our training loops, and the glossary that defines every metric once.
+
+Saved as JSON (the source of truth, reloaded on resume) and CSV (for spreadsheets), each written
+atomically: a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+GLOSSARY: dict[str, str] = {
+    "step": "Optimizer steps completed (1 after the first update).",
+    "loss": "The training loss of the step, as the method's loss function returns it (before the update).",
+    "grad_norm": "L2 norm of the gradient over all trainable (LoRA) parameters, before clipping.",
+    "learning_rate": "Learning rate used for the step.",
+    "entropy": "Mean entropy (nats) of the policy's next-token distribution over completion tokens.",
+    "mean_token_accuracy": "Fraction of completion tokens where the policy's most likely token is the target token.",
+    "completion_tokens": "Completion tokens in the step's batch (the loss is averaged over these).",
+    "num_tokens": "TRL's count: all (prompt + completion) tokens seen so far, cumulative.",
+    "gold": "Mean gold reward of the task's programmatic metric on held-out prompts (never used for training "
+            "in offline methods).",
+    "kl": "KL(π_θ‖π_ref) in nats per sequence, estimated on completions sampled from the policy.",
+    "step_time": "Wall-clock seconds of the step (machine-dependent: for benchmarks, never for tests).",
+}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+class MetricsLog:
+    """A list of per-step metric dicts, with save/load. ``log.rows`` is the data; ``log[key]`` a column."""
+
+    def __init__(self, rows: list[dict] | None = None):
+        self.rows: list[dict] = list(rows or [])
+
+    def append(self, **metrics) -> None:
+        self.rows.append({k: float(v) if hasattr(v, "item") else v for k, v in metrics.items()})
+
+    def __getitem__(self, key: str) -> list:
+        return [r.get(key) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def merge(self, rows: list[dict]) -> "MetricsLog":
+        """Fold rows into the log by their "step" (e.g. probe results), keeping steps in order."""
+        by_step = {r["step"]: dict(r) for r in self.rows}
+        for r in rows:
+            by_step.setdefault(r["step"], {}).update(r)
+        self.rows = [by_step[k] for k in sorted(by_step)]
+        return self
+
+    def at(self, step: int) -> dict:
+        """The row of ``step`` ({} if none)."""
+        return next((r for r in self.rows if r.get("step") == step), {})
+
+    def keys(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.rows:
+            seen.update(dict.fromkeys(r))
+        return list(seen)
+
+    def save(self, folder: str | Path, name: str = "metrics") -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / f"{name}.json", json.dumps(self.rows, indent=1))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.keys())
+        writer.writeheader()
+        writer.writerows(self.rows)
+        _atomic_write(folder / f"{name}.csv", buf.getvalue())
+
+    @classmethod
+    def load(cls, folder: str | Path, name: str = "metrics") -> "MetricsLog":
+        return cls(json.loads((Path(folder) / f"{name}.json").read_text()))
+
+
+def from_trl_history(log_history: list[dict]) -> MetricsLog:
+    """TRL's ``trainer.state.log_history`` as a MetricsLog: one row per logged training step, the run's
+    closing summary (train_runtime, ...) left out."""
+    return MetricsLog([dict(r) for r in log_history if "loss" in r and "train_runtime" not in r])

@@ -1,0 +1,61 @@
+"""Figures every notebook draws: our curves over TRL's, and gold before/after. Saved as PNG beside the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from rlcourse.metrics import GLOSSARY, MetricsLog
+
+
+def overlay(runs: dict[str, MetricsLog], metrics: dict[str, dict[str, str]] | list[str], title: str = "",
+            path: str | Path | None = None):
+    """One panel per metric, one line per run.
+
+    runs: label -> log, e.g. {"ours": ours, "TRL": theirs}. metrics: a list of names shared by all runs, or
+    {panel title: {run label: that run's metric name}} when the names differ. Returns the figure.
+    """
+    if isinstance(metrics, list):
+        metrics = {m: {label: m for label in runs} for m in metrics}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
+    for ax, (panel, names) in zip(axes[0], metrics.items()):
+        for label, log in runs.items():
+            name = names.get(label)
+            if name is None or name not in log.keys():
+                continue
+            rows = [r for r in log.rows if r.get(name) is not None]
+            style = "--" if label.lower().startswith("trl") else "-"
+            ax.plot([r["step"] for r in rows], [r[name] for r in rows], style, marker=".", label=label)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def gold_bars(results: dict[str, "GoldResult"], title: str = "gold metric on held-out prompts",  # noqa: F821
+              path: str | Path | None = None):
+    """Mean gold reward with a 95% confidence interval for each model (e.g. base, ours, TRL)."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(results), 3.2))
+    labels = list(results)
+    means = [results[k].mean for k in labels]
+    errs = [[results[k].mean - results[k].ci[0] for k in labels], [results[k].ci[1] - results[k].mean for k in labels]]
+    ax.bar(labels, means, yerr=errs, capsize=6, color=["#999999"] + ["#4c72b0", "#dd8452", "#55a868"][: len(labels) - 1])
+    ax.set_ylabel("mean gold reward")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def describe(metric: str) -> str:
+    """The glossary's definition of a logged metric."""
+    return GLOSSARY.get(metric, "(not in the glossary)")
