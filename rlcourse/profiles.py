@@ -37,15 +37,17 @@ class Profile:
     """Prompts generated at once in evaluation."""
     checkpoint_every: int
     """Steps between checkpoints of our loop (adapter, optimizer, metrics)."""
+    probe_every: int
+    """Steps between probes of gold reward and KL on held-out prompts during training (0 and the end always)."""
 
 
 PROFILES = {
     "ci": Profile("ci", steps=3, batch_size=2, max_length=96, max_new_tokens=24, n_eval=6, n_train=12,
-                  learning_rate=2e-4, eval_batch_size=6, checkpoint_every=2),
+                  learning_rate=2e-4, eval_batch_size=6, checkpoint_every=2, probe_every=3),
     "cpu": Profile("cpu", steps=40, batch_size=8, max_length=128, max_new_tokens=48, n_eval=48, n_train=320,
-                   learning_rate=2e-4, eval_batch_size=16, checkpoint_every=10),
+                   learning_rate=2e-4, eval_batch_size=16, checkpoint_every=10, probe_every=10),
     "gpu": Profile("gpu", steps=150, batch_size=16, max_length=192, max_new_tokens=64, n_eval=200, n_train=2400,
-                   learning_rate=1e-4, eval_batch_size=64, checkpoint_every=50),
+                   learning_rate=1e-4, eval_batch_size=64, checkpoint_every=50, probe_every=30),
 }
 
 

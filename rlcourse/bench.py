@@ -1,0 +1,121 @@
+"""Benchmark (not a test): median step time of our loop vs TRL's trainer on the same batches and model,
+and each run's peak memory. Prints a table and writes it to build/bench/.
+
+    python -m rlcourse.bench [--methods sft] [--steps 8] [--batch-size 4]
+
+Each (method, implementation) runs in a fresh process, so peak RSS belongs to that run alone and one
+run's caches don't speed up the next. The first step (warm-up: allocations, kernel selection) is left
+out of the median. Later issues add a row per method to ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from rlcourse.paths import build_dir
+
+
+def _sft_setup(batch_size: int, steps: int):
+    from rlcourse.models import LoraSettings, load_model, load_tokenizer
+    from rlcourse.tasks import get_task
+
+    tok = load_tokenizer()
+    rows = get_task("concise").sft("train").select(range(batch_size * steps))
+    return tok, rows, load_model(lora=LoraSettings(), seed=0)
+
+
+def sft_ours(batch_size: int, steps: int, out) -> list[float]:
+    from rlcourse.methods import sft
+    from rlcourse.train import TrainConfig, train
+
+    tok, rows, model = _sft_setup(batch_size, steps)
+    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4, checkpoint_every=10**9)
+    batches = sft.batch_fn(sft.tokenize_dataset(rows, tok), batch_size, tok.pad_token_id, 256)
+    return train(model, batches, sft.step_fn(), config, out, resume=False, progress=False)["step_time"]
+
+
+def sft_trl(batch_size: int, steps: int, out) -> list[float]:
+    from trl import SFTConfig, SFTTrainer
+
+    from rlcourse.train import TrainConfig
+    from rlcourse.trl_runs import trl_config
+
+    tok, rows, model = _sft_setup(batch_size, steps)
+    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4)
+    args = trl_config(SFTConfig, config, out, max_length=256, completion_only_loss=True, disable_tqdm=True)
+    timer = _StepTimer()
+    SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]).train()
+    return timer.times
+
+
+class _StepTimer:
+    """A TrainerCallback (duck-typed to keep transformers out of the parent process) timing each step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __getattr__(self, name):  # every other callback event is a no-op
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_step_begin(self, *args, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):
+        self.times.append(time.perf_counter() - self._t0)
+
+
+METHODS = {"sft": {"ours": sft_ours, "TRL": sft_trl}}
+
+
+def _child(fn, batch_size, steps, out, queue):
+    times = fn(batch_size, steps, out)
+    queue.put({"times": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def measure(method: str, impl: str, batch_size: int, steps: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    out = build_dir("bench", "runs", f"{method}-{impl}")
+    proc = ctx.Process(target=_child, args=(METHODS[method][impl], batch_size, steps, str(out), queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    times = result["times"][1:] or result["times"]  # drop the warm-up step
+    return {"method": method, "impl": impl, "median_step_s": statistics.median(times), "steps_timed": len(times),
+            "peak_rss_mb": result["peak_rss_mb"]}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    rows = [measure(m, impl, args.batch_size, args.steps) for m in args.methods for impl in METHODS[m]]
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    lines = [f"Benchmark on {device}, batch {args.batch_size}, {args.steps} steps (first step excluded), "
+             f"SmolLM2-135M NF4 + LoRA r=16", "",
+             "| method | impl | median step (s) | peak RSS (MB) |", "|---|---|---:|---:|"]
+    lines += [f"| {r['method']} | {r['impl']} | {r['median_step_s']:.2f} | {r['peak_rss_mb']:.0f} |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    out = build_dir("bench")
+    (out / "bench.md").write_text(text + "\n")
+    (out / "bench.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
