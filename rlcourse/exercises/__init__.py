@@ -1,6 +1,10 @@
 """Auto-checked exercises: each ``check_...`` runs the learner's function and the package's on the same
 random inputs and raises an AssertionError that says where they differ."""
 
+from rlcourse.exercises.dataset_formats import check_detect_format, check_extract_prompt, check_unpair
 from rlcourse.exercises.sft import check_dft_loss, check_sft_loss, check_token_logprobs
 
-__all__ = ["check_token_logprobs", "check_sft_loss", "check_dft_loss"]
+__all__ = [
+    "check_token_logprobs", "check_sft_loss", "check_dft_loss",
+    "check_detect_format", "check_unpair", "check_extract_prompt",
+]
