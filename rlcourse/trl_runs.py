@@ -5,7 +5,7 @@ TRL's run comparable with ours, each chosen on purpose:
 - the same seed, steps, batch size, constant learning rate, clipping and weight decay;
 - the same data order: TRL walks the dataset sequentially; both sides get the same pre-shuffled rows;
 - bf16 autocast on CPU via ``use_cpu=True`` (TRL's default ``bf16=True`` fails on CPU otherwise,
-  KNOWN_PITFALLS 3), and no gradient checkpointing (slower here, KNOWN_PITFALLS 4);
+  README pitfall 3), and no gradient checkpointing (slower here, README pitfall 4);
 - logging every step, no external loggers, no checkpoints of TRL's own (ours are enough).
 """
 

@@ -347,7 +347,7 @@ def test_to_standard_matches_trl_on_generated_examples(tokenizer, example):
 
 
 def test_smollm2_template_injects_a_default_system_prompt(tokenizer):
-    """KNOWN_PITFALLS 5: every conversation without a system message gets SmolLM2's default one."""
+    """README pitfall 5: every conversation without a system message gets SmolLM2's default one."""
     default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert default in to_standard({"prompt": USER}, tokenizer)["prompt"]
     own = to_standard({"prompt": [msg("system", "Be brief.")] + USER}, tokenizer)["prompt"]

@@ -1,4 +1,4 @@
-"""The real 4-bit model: where its weights come from, and KNOWN_PITFALLS 1 (bitsandbytes' CPU repack).
+"""The real 4-bit model: where its weights come from, and README pitfall 1 (bitsandbytes' CPU repack).
 
 These load SmolLM2-135M-Instruct in NF4 (a few seconds); the rest of the unit tests use a tiny model.
 """
@@ -40,7 +40,7 @@ def test_lora_gradients_survive_generate(tokenizer, batch):
     assert before > 0.1
     assert after == pytest.approx(before, rel=1e-4), (
         f"LoRA grad-norm {before:.4f} before generate() but {after:.4f} after: bitsandbytes repacked the 4-bit "
-        "weights into its inference-only layout (KNOWN_PITFALLS 1); is disable_bnb_cpu_repack still applied?")
+        "weights into its inference-only layout (README pitfall 1); is disable_bnb_cpu_repack still applied?")
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 

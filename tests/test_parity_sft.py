@@ -31,7 +31,7 @@ def test_trl_config_makes_runs_comparable(tmp_path):
     args = trl_config(SFTConfig, TrainConfig(steps=7, batch_size=3, learning_rate=1e-4, seed=5), tmp_path)
     assert (args.max_steps, args.per_device_train_batch_size, args.seed, args.learning_rate) == (7, 3, 5, 1e-4)
     assert args.train_sampling_strategy == "sequential" and args.lr_scheduler_type == "constant"
-    assert not args.gradient_checkpointing  # KNOWN_PITFALLS 4
+    assert not args.gradient_checkpointing  # README pitfall 4
     assert args.report_to in ([], "none", ["none"])  # no external loggers
     assert args.logging_steps == 1 and args.gradient_accumulation_steps == 1
 
