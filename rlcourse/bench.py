@@ -5,7 +5,7 @@ and each run's peak memory. Prints a table and writes it to build/bench/.
 
 Each (method, implementation) runs in a fresh process, so peak RSS belongs to that run alone and one
 run's caches don't speed up the next. The first step (warm-up: allocations, kernel selection) is left
-out of the median. Later issues add a row per method to ``METHODS``.
+out of the median. A method is added by a module in ``rlcourse/benchmarks/`` (see ``methods``).
 """
 
 from __future__ import annotations
@@ -24,40 +24,7 @@ import torch
 from rlcourse.paths import build_dir
 
 
-def _sft_setup(batch_size: int, steps: int):
-    from rlcourse.models import LoraSettings, load_model, load_tokenizer
-    from rlcourse.tasks import get_task
-
-    tok = load_tokenizer()
-    rows = get_task("concise").sft("train").select(range(batch_size * steps))
-    return tok, rows, load_model(lora=LoraSettings(), seed=0)
-
-
-def sft_ours(batch_size: int, steps: int, out) -> list[float]:
-    from rlcourse.methods import sft
-    from rlcourse.train import TrainConfig, train
-
-    tok, rows, model = _sft_setup(batch_size, steps)
-    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4, checkpoint_every=10**9)
-    batches = sft.batch_fn(sft.tokenize_dataset(rows, tok), batch_size, tok.pad_token_id, 256)
-    return train(model, batches, sft.step_fn(), config, out, resume=False, progress=False)["step_time"]
-
-
-def sft_trl(batch_size: int, steps: int, out) -> list[float]:
-    from trl import SFTConfig, SFTTrainer
-
-    from rlcourse.train import TrainConfig
-    from rlcourse.trl_runs import trl_config
-
-    tok, rows, model = _sft_setup(batch_size, steps)
-    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4)
-    args = trl_config(SFTConfig, config, out, max_length=256, completion_only_loss=True, disable_tqdm=True)
-    timer = _StepTimer()
-    SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]).train()
-    return timer.times
-
-
-class _StepTimer:
+class StepTimer:
     """A TrainerCallback (duck-typed to keep transformers out of the parent process) timing each step."""
 
     def __init__(self):
@@ -75,7 +42,18 @@ class _StepTimer:
         self.times.append(time.perf_counter() - self._t0)
 
 
-METHODS = {"sft": {"ours": sft_ours, "TRL": sft_trl}}
+def methods() -> dict[str, dict]:
+    """Every benchmarked method: each module of ``rlcourse.benchmarks`` defines ``BENCH = {"ours": fn, "TRL": fn}``
+    with ``fn(batch_size, steps, out_dir) -> list of per-step seconds``; the module's name is the method's."""
+    import importlib
+    import pkgutil
+
+    import rlcourse.benchmarks as pkg
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        found[info.name] = importlib.import_module(f"rlcourse.benchmarks.{info.name}").BENCH
+    return found
 
 
 def _child(fn, batch_size, steps, out, queue):
@@ -87,7 +65,7 @@ def measure(method: str, impl: str, batch_size: int, steps: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     out = build_dir("bench", "runs", f"{method}-{impl}")
-    proc = ctx.Process(target=_child, args=(METHODS[method][impl], batch_size, steps, str(out), queue))
+    proc = ctx.Process(target=_child, args=(methods()[method][impl], batch_size, steps, str(out), queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -98,12 +76,13 @@ def measure(method: str, impl: str, batch_size: int, steps: int) -> dict:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    available = methods()
+    parser.add_argument("--methods", nargs="+", default=list(available), choices=list(available))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    rows = [measure(m, impl, args.batch_size, args.steps) for m in args.methods for impl in METHODS[m]]
+    rows = [measure(m, impl, args.batch_size, args.steps) for m in args.methods for impl in available[m]]
     device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     lines = [f"Benchmark on {device}, batch {args.batch_size}, {args.steps} steps (first step excluded), "
              f"SmolLM2-135M NF4 + LoRA r=16", "",
