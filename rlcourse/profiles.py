@@ -58,3 +58,11 @@ def get_profile(name: str = "auto", **overrides) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)} or 'auto'")
     return replace(PROFILES[name], **overrides)
+
+
+def subset(dataset, n: int, seed: int = 0):
+    """A seeded shuffle of ``dataset`` cut to its first ``n`` rows, or all of them when it has fewer.
+
+    A profile's ``n_train`` is an upper bound: the shipped files differ in size per task and kind.
+    """
+    return dataset.shuffle(seed=seed).select(range(min(n, len(dataset))))
