@@ -8,7 +8,7 @@ Implements, after Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantize
 - ``quantize_nf4_blockwise`` / ``dequantize_nf4_blockwise``: blockwise absmax NF4, from scratch, with
   the same packed layout as ``bitsandbytes.functional.quantize_4bit`` (bit-for-bit equal on CPU).
 - ``nf4_bits_per_parameter``: storage cost with and without double quantisation; ``distinct_per_block``
-  shows that the course's "fp32" weights were 4-bit already (Q4_1, KNOWN_PITFALLS 6).
+  shows that the course's "fp32" weights were 4-bit already (Q4_1, README pitfall 6).
 - ``lora_forward``: the LoRA layer y = x Wᵀ + (α/r)·x Aᵀ Bᵀ; ``adamw_step``: one decoupled-weight-decay
   Adam update, enough to watch a LoRA step change the adapters and nothing else.
 - Measurements on a model: ``count_parameters``, ``weight_memory_bytes``, ``peak_memory``,

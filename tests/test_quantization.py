@@ -34,7 +34,7 @@ def _linear4bit(weight: torch.Tensor, double_quant: bool = False, dtype=torch.fl
                               quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4",
                                      compress_statistics=double_quant, module=layer)
-    layer.support_avx512bf16_for_cpu = False  # KNOWN_PITFALLS 1, as rlcourse.models does
+    layer.support_avx512bf16_for_cpu = False  # README pitfall 1, as rlcourse.models does
     return layer.to("cpu")  # quantisation happens here
 
 
