@@ -76,3 +76,62 @@ def generate(
         tokenizer.padding_side = side
         model.train(was_training)
     return [o.strip() for o in out]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS and any the model's generation config declares."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    return declared if tokenizer.eos_token_id in declared else [tokenizer.eos_token_id, *declared]
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: list,
+    settings: SamplingSettings,
+    num_return_sequences: int = 1,
+    seed: int | None = 0,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of prompts and sampled completions, the way TRL's GRPO/RLOO trainers produce them.
+
+    Each prompt (a message list or a string) is repeated ``num_return_sequences`` times, so prompt i's k-th
+    sample is row ``i * num_return_sequences + k``. The settings are passed as a fresh ``GenerationConfig``
+    (top_k=0: no top-k cut), so the model's own generation defaults cannot change them. Each completion is
+    cut right after its first end-of-sequence token, which it keeps; one that never ends is ``max_new_tokens``
+    long. Returns (prompt_ids, completion_ids), two lists of token-id lists of equal length.
+    """
+    from transformers import GenerationConfig
+
+    from trl.trainer.utils import pad
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    repeated = [p for p in prompts for _ in range(num_return_sequences)]
+    if isinstance(repeated[0], str):
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in repeated]
+    else:
+        prompt_ids = [list(ids) for ids in tokenizer.apply_chat_template(
+            repeated, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]]
+    eos = eos_token_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+        **(dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0) if settings.do_sample else {}),
+    )
+    tensors = [torch.tensor(ids) for ids in prompt_ids]
+    input_ids = pad(tensors, padding_value=tokenizer.pad_token_id, padding_side="left").to(model.device)  # (N, P)
+    attention_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left").to(model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        model.train(was_training)
+    completions = out[:, input_ids.shape[1]:].cpu()  # (N, C)
+    completion_ids = []
+    for row in completions.tolist():
+        end = next((t + 1 for t, tok in enumerate(row) if tok in eos), len(row))
+        completion_ids.append(row[:end])
+    return prompt_ids, completion_ids
