@@ -100,3 +100,24 @@ def show_samples(results: dict[str, GoldResult], k: int = 3, width: int = 100) -
         for name, res in results.items():
             body = textwrap.shorten(res.completions[i].replace("\n", " "), width=width * 2, placeholder=" …")
             print(f"   {name:>6} [{res.scores[i]:.2f}] {body}")
+
+
+def average_ranks(values) -> np.ndarray:
+    """Ranks 1..n of ``values``, ties sharing the mean of the ranks they span (so [5, 1, 5] -> [2.5, 1, 2.5])."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, group = np.unique(values, return_inverse=True)
+    return (np.bincount(group, weights=ranks) / np.bincount(group))[group]
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the average ranks of ``x`` and ``y``.
+
+    In [-1, 1]; nan when either input is constant (its ranks carry no order).
+    """
+    rx, ry = average_ranks(x), average_ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])

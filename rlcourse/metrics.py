@@ -25,6 +25,15 @@ GLOSSARY: dict[str, str] = {
             "in offline methods).",
     "kl": "KL(π_θ‖π_ref) in nats per sequence, estimated on completions sampled from the policy.",
     "step_time": "Wall-clock seconds of the step (machine-dependent: for benchmarks, never for tests).",
+    "accuracy": "Reward model: fraction of the step's pairs whose chosen completion scores above the rejected one "
+                "(TRL RewardTrainer's name).",
+    "margin": "Reward model: mean of r(x, y_w) − r(x, y_l) over the step's pairs.",
+    "mean_reward": "Reward model: mean score over the step's chosen and rejected sequences.",
+    "min_reward": "Reward model: lowest score among the step's chosen and rejected sequences.",
+    "max_reward": "Reward model: highest score among the step's chosen and rejected sequences.",
+    "eval_accuracy": "Reward model: fraction of held-out pairs whose chosen completion scores above the rejected one.",
+    "eval_spearman": "Reward model: Spearman rank correlation between the RM's score and the gold score over all "
+                     "held-out completions (chosen and rejected).",
 }
 
 

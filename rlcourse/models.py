@@ -236,3 +236,49 @@ def restore_lora(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, value in state.items():
         params[name].data = value.clone()
+
+
+def load_reward_model(
+    lora: LoraSettings | None = None,
+    quantize: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    path: str | None = None,
+    tokenizer=None,
+):
+    """SmolLM2-135M-Instruct as a reward model: the (4-bit NF4) transformer with a scalar score head.
+
+    ``AutoModelForSequenceClassification`` with ``num_labels=1`` puts a fresh linear head ``score``
+    (hidden size -> 1, no bias, kept in fp32: bitsandbytes does not quantize it) on the last hidden state.
+    ``seed`` fixes both the head's random initialisation and the LoRA adapters', so our loop and TRL's
+    ``RewardTrainer`` can start from the same model. With ``lora`` the model gets adapters of task type
+    ``SEQ_CLS``: peft then keeps the head out of the LoRA targets and trains a full copy of it instead
+    (``modules_to_save``), so the head is trainable. The same bitsandbytes fix as ``load_model`` is
+    applied (README pitfall 1), and ``config.pad_token_id`` is set to the tokenizer's, as ``RewardTrainer``
+    does: the model reads each sequence's score at its last token that is not padding.
+    """
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    kwargs = {"dtype": torch.float32, "num_labels": 1}
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=False,
+        )
+    path = path or model_path()
+    torch.manual_seed(seed)  # the score head is initialised at load time
+    with suppress_seqcls_warning():  # "score.weight newly initialised": expected, the head is new
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    if quantize:
+        disable_bnb_cpu_repack(model)
+    tokenizer = tokenizer or load_tokenizer(path)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if lora is not None:
+        from peft import get_peft_model
+
+        torch.manual_seed(seed)
+        model = get_peft_model(model, lora.peft_config(task_type="SEQ_CLS"))
+    return model
