@@ -121,3 +121,17 @@ def spearman(x, y) -> float:
     if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def win_rate(before: GoldResult, after: GoldResult, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Paired gold win rate of ``after`` over ``before`` on the same prompts, with its 95% bootstrap interval.
+
+    Prompt by prompt: 1 if ``after``'s gold score is higher, 0.5 for a tie, 0 if lower; the win rate is the mean.
+    0.5 means no difference; "better than" needs the whole interval above 0.5.
+    """
+    if len(before.scores) != len(after.scores):
+        raise ValueError(f"win_rate needs the same prompts on both sides: got {len(before.scores)} and "
+                         f"{len(after.scores)} scores. Fix: evaluate both models on the same prompt rows.")
+    a, b = np.asarray(after.scores), np.asarray(before.scores)
+    outcome = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
+    return float(outcome.mean()), bootstrap_ci(outcome, seed=seed)

@@ -25,6 +25,17 @@ GLOSSARY: dict[str, str] = {
             "in offline methods).",
     "kl": "KL(π_θ‖π_ref) in nats per sequence, estimated on completions sampled from the policy.",
     "step_time": "Wall-clock seconds of the step (machine-dependent: for benchmarks, never for tests).",
+    "rewards/chosen": "DPO family: mean implicit reward β·log π_θ(y_w|x)/π_ref(y_w|x) of the chosen completions "
+                      "(TRL's name).",
+    "rewards/rejected": "DPO family: mean implicit reward β·log π_θ(y_l|x)/π_ref(y_l|x) of the rejected completions.",
+    "rewards/margins": "DPO family: mean of rewards/chosen − rewards/rejected over the pairs of the step.",
+    "rewards/accuracies": "DPO family: fraction of pairs whose chosen implicit reward exceeds the rejected one.",
+    "logps/chosen": "DPO family: mean summed log π_θ(y_w|x) of the chosen completions (nats per sequence).",
+    "logps/rejected": "DPO family: mean summed log π_θ(y_l|x) of the rejected completions (nats per sequence).",
+    "margin_per_token": "DPO family: mean of (log π_θ/π_ref of y_w)/|y_w| − (log π_θ/π_ref of y_l)/|y_l|, the "
+                        "per-token log-ratio margin that IPO (TRL's normalisation) pulls to 1/(2β).",
+    "win_rate": "Paired gold win rate over the base model on held-out prompts: 1 per prompt where the trained "
+                "policy's gold score is higher, 0.5 for a tie, 0 if lower, averaged.",
     "accuracy": "Reward model: fraction of the step's pairs whose chosen completion scores above the rejected one "
                 "(TRL RewardTrainer's name).",
     "margin": "Reward model: mean of r(x, y_w) − r(x, y_l) over the step's pairs.",
