@@ -1,0 +1,438 @@
+"""KL helpers: exact KL, the k1/k2/k3 estimators, KL in the reward vs in the loss, the adaptive controller,
+the exact toy problem, and parity of our KL term with TRL 1.16's GRPOTrainer on the same tensors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlcourse.exercises import check_exact_token_kl, check_kl_k3
+from rlcourse.kl import (
+    TOY_MODES,
+    AdaptiveKLController,
+    estimator_stats,
+    exact_token_kl,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_loss_term,
+    kl_penalized_rewards,
+    optimal_policy,
+    sample_token_kl,
+    toy_optimize,
+)
+
+# --- random categoricals ---------------------------------------------------------------------------
+
+
+def _pair(seed: int, k: int = 8, scale: float = 1.0):
+    """Two random categoricals over k outcomes, as log-probs (float64): the policy p and the reference q."""
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64) * scale, -1)
+    logq = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64) * scale, -1)
+    return logp, logq
+
+
+def _expect(logp, values):
+    """E_{a ~ p}[values(a)], exactly."""
+    return (logp.exp() * values).sum(-1)
+
+
+# --- exact KL ---------------------------------------------------------------------------------------
+
+
+def test_exact_kl_matches_the_definition_and_torch():
+    logp, logq = _pair(0)
+    ours = exact_token_kl(logp, logq)
+    assert ours.item() == pytest.approx(sum(math.exp(a) * (a - b) for a, b in zip(logp.tolist(), logq.tolist())))
+    torch.testing.assert_close(ours, torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="sum"))
+
+
+def test_exact_kl_is_zero_for_equal_distributions_and_positive_otherwise():
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1))
+    logp = torch.log_softmax(logits, -1)  # (B, T, V)
+    assert exact_token_kl(logp, logp).shape == (3, 5)
+    assert torch.equal(exact_token_kl(logp, logp), torch.zeros(3, 5))
+    assert (exact_token_kl(logp, torch.log_softmax(logits + torch.randn_like(logits), -1)) > 0).all()
+
+
+def test_exact_kl_treats_zero_probability_as_zero_and_rejects_mismatched_shapes():
+    logp = torch.log(torch.tensor([0.5, 0.5, 0.0]))  # a -inf entry
+    logq = torch.log(torch.tensor([0.25, 0.25, 0.5]))
+    assert exact_token_kl(logp, logq).item() == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="same vocabulary"):
+        exact_token_kl(logp, logq[:2])
+
+
+# --- estimators: unbiasedness, bias, sign, small-r behaviour --------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_k1_and_k3_are_unbiased_and_k2_is_not_exact_expectations(seed):
+    logp, logq = _pair(seed, scale=1.5)  # "samples" a ~ p: the policy; q: the reference
+    kl = exact_token_kl(logp, logq)
+    assert _expect(logp, kl_k1(logp, logq)).item() == pytest.approx(kl.item(), rel=1e-12)
+    assert _expect(logp, kl_k3(logp, logq)).item() == pytest.approx(kl.item(), rel=1e-12)
+    assert abs(_expect(logp, kl_k2(logp, logq)).item() - kl.item()) > 1e-3  # biased
+
+
+def test_estimators_from_samples_k1_k3_unbiased_k2_biased():
+    """Monte Carlo with many samples: the sample means of k1 and k3 are within 4 standard errors of the
+    exact KL; k2's is far outside."""
+    logp, logq = _pair(7, k=10, scale=1.5)
+    kl = exact_token_kl(logp, logq).item()
+    samples = torch.multinomial(logp.exp(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    for fn, unbiased in [(kl_k1, True), (kl_k3, True), (kl_k2, False)]:
+        values = fn(logp[samples], logq[samples])
+        z = (values.mean().item() - kl) / (values.std().item() / math.sqrt(len(values)))
+        assert (abs(z) < 4) if unbiased else (abs(z) > 10), (fn.__name__, z)
+
+
+def test_k3_has_lower_variance_than_k1_when_the_distributions_are_close():
+    logp, _ = _pair(3)
+    logq = torch.log_softmax(logp + 0.1 * torch.randn(8, generator=torch.Generator().manual_seed(4),
+                                                      dtype=torch.float64), -1)
+    var = lambda v: _expect(logp, (v - _expect(logp, v)) ** 2).item()  # noqa: E731
+    assert var(kl_k3(logp, logq)) < 0.1 * var(kl_k1(logp, logq))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-30, 30), st.floats(-30, 30))
+def test_k3_and_k2_are_never_negative(logp, ref_logp):
+    a, b = torch.tensor([logp], dtype=torch.float64), torch.tensor([ref_logp], dtype=torch.float64)
+    assert kl_k3(a, b).item() >= 0
+    assert kl_k2(a, b).item() >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-0.1, 0.1))
+def test_k3_is_half_the_squared_log_ratio_for_small_ratios(log_r):
+    # k3 = e^{log r} − log r − 1 = (log r)²/2 + (log r)³/6 + ...: the gap is third order.
+    logps = torch.tensor([-2.0], dtype=torch.float64)
+    k3 = kl_k3(logps, logps + log_r).item()
+    assert abs(k3 - log_r**2 / 2) <= abs(log_r) ** 3 / 6 * math.exp(abs(log_r)) + 1e-15
+    assert k3 >= 0
+    assert k3 == pytest.approx(kl_k2(logps, logps + log_r).item(), abs=abs(log_r) ** 3 + 1e-15)
+
+
+def test_estimators_are_zero_when_policy_equals_reference_and_follow_the_sampler_convention():
+    logps = torch.tensor([[-1.0, -2.0]])
+    assert torch.equal(kl_k1(logps, logps), torch.zeros(1, 2)) and torch.equal(kl_k3(logps, logps), torch.zeros(1, 2))
+    # the sampled token is more likely under the policy than under the reference: k1 > 0
+    assert kl_k1(torch.tensor([-0.1]), torch.tensor([-2.0])).item() == pytest.approx(1.9)
+    with pytest.raises(ValueError, match="same sampled tokens"):
+        kl_k3(logps, logps[:, :1])
+
+
+# --- KL in the reward ---------------------------------------------------------------------------------
+
+
+def _batch(seed=0, B=3, T=6):
+    g = torch.Generator().manual_seed(seed)
+    logps = -torch.rand(B, T, generator=g) * 3
+    ref_logps = -torch.rand(B, T, generator=g) * 3
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0
+    mask[2, :2] = 0  # prompt-side zeros
+    mask[2, 5:] = 0
+    return torch.tensor([1.0, -0.5, 2.0]), logps, ref_logps, mask
+
+
+def test_sequence_penalty_is_reward_minus_beta_times_summed_k1():
+    rewards, logps, ref_logps, mask = _batch()
+    got = kl_penalized_rewards(rewards, logps, ref_logps, mask, beta=0.1)
+    torch.testing.assert_close(got, rewards - 0.1 * ((logps - ref_logps) * mask).sum(-1))
+    per_row = kl_penalized_rewards(rewards, logps, ref_logps, mask, beta=torch.tensor([0.0, 0.1, 1.0]))
+    assert per_row[0] == rewards[0]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_token_penalty_puts_the_reward_on_the_last_completion_token_and_sums_to_the_sequence_form(estimator):
+    rewards, logps, ref_logps, mask = _batch()
+    tokens = kl_penalized_rewards(rewards, logps, ref_logps, mask, 0.2, per_token=True, estimator=estimator)
+    seq = kl_penalized_rewards(rewards, logps, ref_logps, mask, 0.2, estimator=estimator)
+    assert tokens.shape == logps.shape
+    torch.testing.assert_close(tokens.sum(-1), seq)
+    assert (tokens[mask == 0] == 0).all()
+    penalty_only = kl_penalized_rewards(torch.zeros(3), logps, ref_logps, mask, 0.2, per_token=True, estimator=estimator)
+    torch.testing.assert_close((tokens - penalty_only)[[0, 1, 2], [5, 3, 4]], rewards)
+
+
+def test_reward_penalty_carries_no_gradient_and_bad_input_is_named():
+    rewards, logps, ref_logps, mask = _batch()
+    logps.requires_grad_(True)
+    assert not kl_penalized_rewards(rewards, logps, ref_logps, mask, 0.1).requires_grad
+    with pytest.raises(ValueError, match=r"rows \[1\] have no completion token"):
+        mask[1] = 0
+        kl_penalized_rewards(rewards, logps, ref_logps, mask, 0.1, per_token=True)
+    with pytest.raises(ValueError, match="negative"):
+        kl_penalized_rewards(rewards, logps, ref_logps, torch.ones_like(mask), -0.1)
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
+        kl_penalized_rewards(rewards, logps, ref_logps, torch.ones_like(mask), 0.1, estimator="k4")
+    with pytest.raises(ValueError, match="same B"):
+        kl_penalized_rewards(rewards[:2], logps, ref_logps, mask, 0.1)
+
+
+# --- KL in the loss: which KL does each surrogate's gradient follow? --------------------------------
+
+
+def _expected_grad(loss_of_logp, ref):
+    """∇_θ of Σ_a sg(π(a)) · loss(log π(a)) at random logits θ: the expected gradient under sampling from π."""
+    theta = torch.randn(8, generator=torch.Generator().manual_seed(11), dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(theta, -1)
+    (logp.detach().exp() * loss_of_logp(logp, ref)).sum().backward()
+    return theta.grad, theta
+
+
+def _true_grad(kl_of_logp, ref):
+    theta = torch.randn(8, generator=torch.Generator().manual_seed(11), dtype=torch.float64, requires_grad=True)
+    kl_of_logp(torch.log_softmax(theta, -1), ref).backward()
+    return theta.grad
+
+
+def test_k3_loss_follows_forward_kl_and_k3_times_ratio_follows_reverse_kl():
+    _, ref = _pair(2)
+    reverse = _true_grad(lambda lp, r: exact_token_kl(lp, r), ref)  # ∇ KL(π ‖ π_ref)
+    forward = _true_grad(lambda lp, r: exact_token_kl(r, lp), ref)  # ∇ KL(π_ref ‖ π)
+    k3, _ = _expected_grad(lambda lp, r: kl_loss_term(lp, r, 1.0), ref)
+    k3_ratio, _ = _expected_grad(lambda lp, r: kl_loss_term(lp, r, 1.0, old_logps=lp.detach()), ref)
+    k2, _ = _expected_grad(lambda lp, r: kl_loss_term(lp, r, 1.0, estimator="k2"), ref)
+    k1, _ = _expected_grad(lambda lp, r: kl_loss_term(lp, r, 1.0, estimator="k1"), ref)
+    torch.testing.assert_close(k3, forward)
+    torch.testing.assert_close(k3_ratio, reverse)
+    torch.testing.assert_close(k2, reverse)
+    torch.testing.assert_close(k1, torch.zeros_like(k1))  # k1 in the loss does not regularise at all
+    assert not torch.allclose(forward, reverse)
+
+
+def test_loss_term_value_is_beta_k3_and_the_ratio_is_one_on_policy():
+    _, logps, ref_logps, _ = _batch()
+    torch.testing.assert_close(kl_loss_term(logps, ref_logps, 0.3), 0.3 * kl_k3(logps, ref_logps))
+    torch.testing.assert_close(kl_loss_term(logps, ref_logps, 0.3, old_logps=logps), 0.3 * kl_k3(logps, ref_logps))
+
+
+# --- the adaptive controller ------------------------------------------------------------------------
+
+
+def test_controller_follows_ziegler_update_rule():
+    # e = clip(KL / target − 1, −0.2, 0.2); β ← β (1 + e · n_steps / horizon). Here 2.5 / 2 − 1 = 0.25 -> 0.2.
+    c = AdaptiveKLController(init_beta=0.1, target=2.0, horizon=100)
+    assert c.update(2.5, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert c.update(1.0, n_steps=10) == pytest.approx(0.1 * 1.02 * (1 - 0.2 * 0.1))  # 1/2 - 1 = -0.5 -> -0.2
+    before = c.beta
+    assert c.update(2.0, n_steps=10) == before  # on target: unchanged
+    assert c.update(2.2, n_steps=10) == pytest.approx(before * (1 + 0.1 * 0.1))  # inside the clip band
+
+
+def test_controller_rejects_bad_settings_and_nan():
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(init_beta=0.1, target=0.0)
+    with pytest.raises(ValueError, match="not finite"):
+        AdaptiveKLController(init_beta=0.1, target=1.0).update(float("nan"), 1)
+
+
+# --- the exact toy problem --------------------------------------------------------------------------
+
+REF = torch.log_softmax(torch.tensor([1.5, 1.0, 0.5, 0.0, -0.5, -1.0], dtype=torch.float64), -1)
+R = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], dtype=torch.float64)
+
+
+def test_optimal_policy_maximises_reward_minus_beta_kl():
+    beta = 0.3
+    star = optimal_policy(REF, R, beta)
+    objective = lambda lp: (lp.exp() * R).sum() - beta * exact_token_kl(lp, REF)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        other = torch.log_softmax(star + 0.1 * torch.randn(6, generator=g, dtype=torch.float64), -1)
+        assert objective(other) < objective(star)
+
+
+@pytest.mark.parametrize("mode,reaches_optimum", [("reward_k1", True), ("loss_k2", True), ("loss_k3_ratio", True),
+                                                  ("loss_k3", False), ("loss_k1", False)])
+def test_toy_optimisation_reaches_the_closed_form_only_with_a_reverse_kl_gradient(mode, reaches_optimum):
+    assert mode in TOY_MODES
+    betas = [0.3, 1.0]
+    out = toy_optimize(REF, R, betas, mode, steps=1500, lr=0.05)
+    star = optimal_policy(REF, R, torch.tensor(betas, dtype=torch.float64).reshape(-1, 1))
+    gap = (out["logprobs"].exp() - star.exp()).abs().max().item()
+    assert (gap < 1e-3) if reaches_optimum else (gap > 0.05), gap
+    assert out["kl"].shape == (1501, 2) and out["kl"][0].abs().max() < 1e-12  # starts at π_ref
+
+
+def test_toy_controller_brings_the_kl_to_its_target():
+    controller = AdaptiveKLController(init_beta=1.0, target=0.4, horizon=10)
+    out = toy_optimize(REF, R, [1.0], "reward_k1", steps=1500, lr=0.05, controller=controller)
+    assert out["kl"][-300:].mean().item() == pytest.approx(0.4, rel=0.1)
+    assert out["beta"][-1].item() == pytest.approx(controller.beta)
+    assert out["beta"][-1].item() < 1.0  # β had to fall: at β = 1 the KL stays below 0.4
+
+
+# --- estimator statistics and sampling on the tiny model ----------------------------------------------
+
+
+def test_estimator_stats_on_a_synthetic_categorical():
+    """One 'prompt' whose completions are 3 independent draws from the same categorical: exact stats known."""
+    logp, logq = _pair(5, k=6, scale=1.5)
+    n, length = 4000, 3
+    draws = torch.multinomial(logp.exp(), n * length, replacement=True,
+                              generator=torch.Generator().manual_seed(1)).reshape(n, length)
+    kl = exact_token_kl(logp, logq)
+    stats = estimator_stats(logp[draws], logq[draws], kl.expand(n, length), torch.ones(n, length),
+                            torch.zeros(n, dtype=torch.long))
+    for name in ["k1", "k3"]:
+        assert abs(stats["token"][name]["bias"]) < 4 * stats["token"][name]["bias_se"]
+    assert abs(stats["token"]["k2"]["bias"]) > 10 * stats["token"]["k2"]["bias_se"]
+    assert stats["sequence"]["exact"]["std"] == pytest.approx(0, abs=1e-9)  # every prefix has the same KL
+    k1_std = math.sqrt(length * _expect(logp, (kl_k1(logp, logq) - kl) ** 2).item())
+    assert stats["sequence"]["k1"]["std"] == pytest.approx(k1_std, rel=0.05)
+    assert stats["counts"] == {"completions": n, "tokens": n * length, "exact_kl_per_token": pytest.approx(kl.item())}
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    from rlcourse.models import LoraSettings, tiny_model
+
+    return tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
+
+
+def test_sample_token_kl_is_zero_with_fresh_adapters_and_masks_after_eos(tiny, tokenizer):
+    prompts = [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Name a planet, please."}]]
+    out = sample_token_kl(tiny, tokenizer, prompts, num_samples=3, max_new_tokens=6, seed=0, batch_size=2)
+    assert out["logps"].shape == out["exact_kl"].shape == out["mask"].shape == (6, 6)
+    assert out["prompt_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    # LoRA's B starts at zero: the policy *is* the reference, so every KL is 0 up to rounding
+    assert out["exact_kl"].abs().max() < 1e-5 and (out["logps"] - out["ref_logps"]).abs().max() < 1e-5
+    # a mask is 1 on a prefix only (1s, then 0s)
+    assert (out["mask"][:, 1:] <= out["mask"][:, :-1]).all() and (out["mask"][:, 0] == 1).all()
+
+
+def test_sample_token_kl_sees_a_perturbed_policy(tiny, tokenizer):
+    with torch.no_grad():
+        saved = {n: p.clone() for n, p in tiny.named_parameters() if "lora_B" in n}
+        for n, p in tiny.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    try:
+        out = sample_token_kl(tiny, tokenizer, [[{"role": "user", "content": "Say hi."}]], num_samples=4,
+                              max_new_tokens=5, seed=1)
+    finally:
+        with torch.no_grad():
+            for n, p in tiny.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+    m = out["mask"] > 0
+    assert (out["exact_kl"][m] > 0).all()
+    # the log-probs are those of the sampled tokens: k3 ≥ 0 everywhere, k1 of either sign is allowed
+    assert (kl_k3(out["logps"], out["ref_logps"])[m] >= 0).all()
+
+
+# --- parity with TRL 1.16's GRPOTrainer: its per-token KL term is β·k3 (× the ratio by default) ---------
+
+
+@pytest.fixture(scope="module")
+def grpo(tokenizer, tmp_path_factory):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlcourse.models import LoraSettings, tiny_model
+    from rlcourse.train import TrainConfig
+    from rlcourse.trl_runs import trl_config
+
+    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
+    with torch.no_grad():  # move the policy away from the reference (LoRA B starts at zero)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    args = trl_config(GRPOConfig, TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=False),
+                      tmp_path_factory.mktemp("grpo"), beta=0.1, loss_type="bnpo", num_generations=4,
+                      max_completion_length=8)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": "Say hi."}]}] * 4)
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda prompts, completions, **kw: [0.0] * len(prompts),
+                          args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we call the loss directly
+    return trainer
+
+
+def _grpo_inputs(model):
+    from rlcourse.logprobs import token_logprobs
+    from rlcourse.models import reference_policy
+
+    g = torch.Generator().manual_seed(0)
+    B, P, C = 4, 5, 7
+    prompt_ids = torch.randint(0, 1000, (1, P), generator=g).expand(B, P)  # one prompt, G = 4 completions
+    completion_ids = torch.randint(0, 1000, (B, C), generator=g)
+    completion_mask = torch.ones(B, C, dtype=torch.long)
+    completion_mask[1, 5:] = 0
+    completion_mask[2, 3:] = 0
+    ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + C)
+    attention = torch.cat([torch.ones(B, P, dtype=torch.long), completion_mask], 1)
+    with torch.no_grad(), reference_policy(model):
+        ref = token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)[:, P - 1 :]  # (B, C)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones(B, P, dtype=torch.long),
+              "completion_ids": completion_ids, "completion_mask": completion_mask,
+              "advantages": torch.zeros(B), "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum()}
+    return inputs, ids, attention, P
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_grpo_kl_term_is_beta_k3_on_the_same_tensors(grpo, bias_correction):
+    """With zero advantages TRL's bnpo loss is β·mean_tokens(k3 [× ratio]); its logged "kl" is mean_tokens(k3)."""
+    from rlcourse.logprobs import token_logprobs
+
+    model = grpo.model
+    grpo.args.use_bias_correction_kl = bias_correction
+    inputs, ids, attention, P = _grpo_inputs(model)
+    model.train()
+    model.zero_grad()
+    trl_loss = grpo._compute_loss(model, inputs)
+    trl_loss.backward()
+    trl_grads, trl_kl = _lora_grads(model), grpo._metrics["train"]["kl"][-1]
+    model.zero_grad()
+
+    logps = token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)[:, P - 1 :]  # (B, C)
+    mask = inputs["completion_mask"].float()
+    term = kl_loss_term(logps, inputs["ref_per_token_logps"], beta=0.1,
+                        old_logps=logps.detach() if bias_correction else None)
+    ours = (term * mask).sum() / mask.sum()
+    ours.backward()
+    ours_kl = ((kl_k3(logps, inputs["ref_per_token_logps"]) * mask).sum() / mask.sum()).item()
+    assert ours_kl > 1e-3  # the policy really differs from the reference
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert ours_kl == pytest.approx(trl_kl, rel=1e-5)
+    ours_grads = _lora_grads(model)
+    assert ours_grads.keys() == trl_grads.keys() and ours_grads
+    for name in trl_grads:
+        torch.testing.assert_close(ours_grads[name], trl_grads[name], rtol=1e-4, atol=1e-7)
+    model.zero_grad()
+
+
+def test_grpo_default_beta_is_zero_and_rloo_default_is_not():
+    from trl import GRPOConfig, RLOOConfig
+
+    assert GRPOConfig.__dataclass_fields__["beta"].default == 0.0  # README pitfall 7: no KL term by default
+    assert RLOOConfig.__dataclass_fields__["beta"].default == 0.05
+    assert GRPOConfig.__dataclass_fields__["use_bias_correction_kl"].default is True
+
+
+# --- exercises ---------------------------------------------------------------------------------------
+
+
+def test_exercise_checkers_accept_the_reference_and_reject_wrong_answers(capsys):
+    check_kl_k3(kl_k3)
+    check_exact_token_kl(exact_token_kl)
+    with pytest.raises(AssertionError, match="kl_k3"):
+        check_kl_k3(lambda logps, ref_logps: torch.exp(logps - ref_logps) - (logps - ref_logps) - 1)  # flipped ratio
+    with pytest.raises(AssertionError, match="exact_token_kl"):
+        check_exact_token_kl(lambda logp, logq: (logq.exp() * (logq - logp)).sum(-1))  # the other direction
+
+    def stub(*args):
+        raise NotImplementedError
+
+    check_kl_k3(stub)
+    assert "not attempted" in capsys.readouterr().out
