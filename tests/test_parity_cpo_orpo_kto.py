@@ -1,0 +1,242 @@
+"""Our CPO, SimPO, ORPO, KTO and BCO (bco_pair) losses equal TRL 1.16's on the same tensors and on the same batch.
+
+Two levels, each with a stated tolerance:
+
+1. Same tensors: where TRL exposes the loss as a method that takes log-probs (``CPOTrainer.cpo_loss``,
+   ``ORPOTrainer.odds_ratio_loss``), we call it and ours on the same random log-probs. Same fp32 operations up to
+   their order, so the tolerance is float rounding (``TENSOR_RTOL``).
+2. Same batch: where TRL's loss is buried in a bigger method (its NLL term, KTO's KL pass, DPO's ``bco_pair``), we
+   take the batch from TRL's own dataloader, compute TRL's loss with its trainer, and ours from the tiny model's
+   logits with ``rlcourse.logprobs`` and our loss functions. This checks the conventions the functions' docstrings
+   state: summed vs averaged log-probs, which tokens the NLL covers, how z₀ is estimated. TRL computes log-probs
+   through its own code path (a fused LM head for KTO and DPO, one concatenated chosen+rejected forward for CPO and
+   ORPO); ``BATCH_RTOL`` covers that difference in summation order.
+
+The tiny random 2-layer model with LoRA, fp32 (``bf16=False``). LoRA B matrices are randomised *after* the trainer is
+built, so the policy differs from the reference (TRL's "ref" adapter keeps the fresh copy: π_ref = the base model,
+the same reference as ours, adapters disabled).
+"""
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+from rlcourse.data.convert import unpair
+from rlcourse.logprobs import forward_logprobs, masked_mean, masked_sum, token_logprobs
+from rlcourse.losses.bco import bco_pair_loss
+from rlcourse.losses.cpo import cpo_loss, simpo_loss
+from rlcourse.losses.kto import kto_loss, kto_reference_point, mismatched_completions
+from rlcourse.losses.orpo import log_odds, odds_ratio_loss, orpo_loss
+from rlcourse.losses.sft import sft_loss
+from rlcourse.models import LoraSettings, reference_policy, tiny_model
+from rlcourse.train import TrainConfig
+from rlcourse.trl_runs import trl_config
+
+ROWS = [
+    {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+     "rejected": [{"role": "assistant", "content": r}]}
+    for q, c, r in [
+        ("Why is the sky blue?", "Air scatters blue light.", "Because it is. The sky is blue because blue."),
+        ("2 + 2?", "4", "5, or maybe 22."),
+        ("Name a planet.", "Mars, the red planet.", "Pluto"),
+        ("Say hi.", "Hi!", "Goodbye, and a long farewell to you all."),
+    ]
+]
+MAX_LENGTH = 64
+TENSOR_RTOL = 1e-6
+"""Same tensors, same fp32 operations (up to their order), absolute floor TENSOR_RTOL·1e-3. Seen: CPO and SimPO
+bit-identical; ORPO's odds-ratio term 1.5e-8 absolute (we form log odds(y_w) − log odds(y_l), TRL
+(log P_w − log P_l) − (log(1−P_w) − log(1−P_l)): the same sum, associated differently)."""
+BATCH_RTOL = 1e-5
+"""Same batch, log-probs through TRL's forward vs ours. Largest relative difference seen: 1.1e-7 (CPO with
+cpo_alpha=0; KTO 1.05e-7); SimPO, ORPO and bco_pair came out bit-identical."""
+
+
+def _randomise_lora(model, seed: int = 1) -> None:
+    """Move the policy away from the reference: fresh LoRA (B = 0) sits where every loss is at a trivial point."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _trainer(trainer_cls, config_cls, tokenizer, tmp_path, rows, **kwargs):
+    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
+    args = trl_config(config_cls, TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=False), tmp_path,
+                      max_length=MAX_LENGTH, **kwargs)
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    _randomise_lora(trainer.model)
+    return trainer
+
+
+def _random_pair_logps(B=8, seed=0, scale=40.0):
+    g = torch.Generator().manual_seed(seed)
+    return -torch.rand(B, generator=g) * scale, -torch.rand(B, generator=g) * scale
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor, rtol: float) -> None:
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=rtol, atol=rtol * 1e-3)
+
+
+def _pair_side(model, batch, side: str) -> dict:
+    """Per-token log-probs and the completion mask of TRL's CPO/ORPO batch, one side: (B, T-1) each."""
+    logits = model(input_ids=batch[f"{side}_input_ids"], attention_mask=batch[f"{side}_attention_mask"]).logits
+    return {"logps": token_logprobs(logits, batch[f"{side}_input_ids"]),  # (B, T-1)
+            "mask": (batch[f"{side}_labels"][:, 1:] != -100).float(),  # (B, T-1): completion tokens
+            "attention": batch[f"{side}_attention_mask"][:, 1:].float()}  # (B, T-1): prompt + completion
+
+
+# ---------------------------------------------------------------- CPO and SimPO
+
+@pytest.fixture(scope="module")
+def cpo_trainer(tokenizer, tmp_path_factory):
+    return _trainer(CPOTrainer, CPOConfig, tokenizer, tmp_path_factory.mktemp("cpo"), ROWS, loss_type="sigmoid")
+
+
+@pytest.mark.parametrize("beta,label_smoothing", [(0.1, 0.0), (0.5, 0.2)])
+def test_cpo_sigmoid_term_matches_trl_on_the_same_tensors(cpo_trainer, beta, label_smoothing):
+    chosen, rejected = _random_pair_logps()
+    cpo_trainer.loss_type, cpo_trainer.beta, cpo_trainer.label_smoothing = "sigmoid", beta, label_smoothing
+    theirs, chosen_rewards, _ = cpo_trainer.cpo_loss(chosen, rejected)
+    ours = cpo_loss(chosen, rejected, beta=beta, cpo_alpha=0, label_smoothing=label_smoothing)
+    _close(ours, theirs.mean(), TENSOR_RTOL)
+    _close(beta * chosen, chosen_rewards, TENSOR_RTOL)  # TRL's rewards/chosen: β log π_θ(y_w|x), summed log-probs
+
+
+@pytest.mark.parametrize("beta,gamma", [(2.0, 0.5), (10.0, 1.6)])
+def test_simpo_matches_trl_on_the_same_tensors(cpo_trainer, beta, gamma):
+    chosen, rejected = _random_pair_logps()
+    g = torch.Generator().manual_seed(1)
+    lw, ll = torch.randint(1, 40, (8,), generator=g).float(), torch.randint(1, 40, (8,), generator=g).float()
+    cpo_trainer.loss_type, cpo_trainer.beta, cpo_trainer.simpo_gamma, cpo_trainer.label_smoothing = \
+        "simpo", beta, gamma, 0.0
+    theirs, _, _ = cpo_trainer.cpo_loss(chosen / lw, rejected / ll)  # TRL feeds SimPO average log-probs
+    _close(simpo_loss(chosen, rejected, lw, ll, beta=beta, gamma=gamma), theirs.mean(), TENSOR_RTOL)
+
+
+@pytest.mark.parametrize("loss_type,cpo_alpha", [("sigmoid", 1.0), ("sigmoid", 0.0), ("simpo", 0.0), ("simpo", 0.5)])
+def test_cpo_and_simpo_match_trl_on_the_same_batch(cpo_trainer, loss_type, cpo_alpha):
+    tr = cpo_trainer
+    tr.loss_type, tr.cpo_alpha, tr.beta, tr.label_smoothing, tr.simpo_gamma = loss_type, cpo_alpha, 0.2, 0.0, 0.5
+    batch = next(iter(tr.get_train_dataloader()))
+    with torch.no_grad():
+        theirs, metrics = tr.get_batch_loss_metrics(tr.model, batch)
+        w, l = _pair_side(tr.model, batch, "chosen"), _pair_side(tr.model, batch, "rejected")
+        nll = sft_loss(w["logps"], w["mask"])  # token mean over the chosen completions
+        if loss_type == "sigmoid":
+            ours = cpo_loss(masked_sum(w["logps"], w["mask"]), masked_sum(l["logps"], l["mask"]), nll,
+                            beta=0.2, cpo_alpha=cpo_alpha)
+        else:
+            ours = simpo_loss(masked_sum(w["logps"], w["mask"]), masked_sum(l["logps"], l["mask"]),
+                              w["mask"].sum(-1), l["mask"].sum(-1), beta=0.2, gamma=0.5) + cpo_alpha * nll
+    _close(ours, theirs, BATCH_RTOL)
+    if cpo_alpha:
+        assert nll.item() == pytest.approx(metrics["nll_loss"], rel=BATCH_RTOL)
+    else:
+        assert metrics["nll_loss"] == 0.0  # TRL skips the NLL (logs 0) when cpo_alpha == 0
+
+
+# ---------------------------------------------------------------- ORPO
+
+@pytest.fixture(scope="module")
+def orpo_trainer(tokenizer, tmp_path_factory):
+    return _trainer(ORPOTrainer, ORPOConfig, tokenizer, tmp_path_factory.mktemp("orpo"), ROWS)
+
+
+def test_odds_ratio_term_matches_trl_on_the_same_tensors(orpo_trainer):
+    g = torch.Generator().manual_seed(2)
+    chosen = -torch.rand(8, generator=g) * 6
+    rejected = -torch.rand(8, generator=g) * 6
+    chosen[0], rejected[1] = -1e-4, -70.0  # both branches of log1mexp
+    orpo_trainer.beta = 0.25
+    theirs, _, _, mean_logsigmoid, mean_log_odds = orpo_trainer.odds_ratio_loss(chosen, rejected)
+    _close(-0.25 * odds_ratio_loss(chosen, rejected), theirs, TENSOR_RTOL)  # TRL returns +λ log σ, subtracted later
+    _close((log_odds(chosen) - log_odds(rejected)).mean(), mean_log_odds, TENSOR_RTOL)  # logged "log_odds_chosen"
+    _close(-odds_ratio_loss(chosen, rejected).mean(), mean_logsigmoid, TENSOR_RTOL)  # logged "log_odds_ratio"
+
+
+def test_orpo_matches_trl_on_the_same_batch_with_its_nll_over_prompt_and_completion(orpo_trainer):
+    tr = orpo_trainer
+    tr.beta = 0.1
+    batch = next(iter(tr.get_train_dataloader()))
+    with torch.no_grad():
+        theirs, metrics = tr.get_batch_loss_metrics(tr.model, batch)
+        w, l = _pair_side(tr.model, batch, "chosen"), _pair_side(tr.model, batch, "rejected")
+        nll_trl = sft_loss(w["logps"], w["attention"])  # every real token of the chosen sequence
+        nll_paper = sft_loss(w["logps"], w["mask"])  # completion tokens only
+        ours = orpo_loss(masked_mean(w["logps"], w["mask"]), masked_mean(l["logps"], l["mask"]), nll_trl, lambda_=0.1)
+    _close(ours, theirs, BATCH_RTOL)
+    assert nll_trl.item() == pytest.approx(metrics["nll_loss"], rel=BATCH_RTOL)
+    assert abs(nll_paper.item() - metrics["nll_loss"]) > 1e-3  # the departure is real on this batch
+
+
+# ---------------------------------------------------------------- KTO
+
+def _unpaired_rows():
+    """The preference rows unpaired (rlcourse.data.convert.unpair), reordered so the first batch of 4 mixes labels
+    unevenly (3 desirable, 1 undesirable) and the second the other way round."""
+    rows = unpair(ROWS)  # 4 chosen (True), then 4 rejected (False)
+    return [rows[i] for i in (0, 5, 2, 3, 4, 1, 6, 7)]
+
+
+@pytest.fixture(scope="module")
+def kto_trainer(tokenizer, tmp_path_factory):
+    return _trainer(KTOTrainer, KTOConfig, tokenizer, tmp_path_factory.mktemp("kto"), _unpaired_rows(),
+                    beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+
+
+def test_trl_builds_kl_pairs_by_rotating_completions_within_each_batch(kto_trainer):
+    data = kto_trainer.train_dataset
+    for start in (0, 4):
+        completions = data["completion_ids"][start:start + 4]
+        assert data["KL_completion_ids"][start:start + 4] == mismatched_completions(completions)
+
+
+@pytest.mark.parametrize("batch_index", [0, 1])
+def test_kto_matches_trl_on_the_same_batch(kto_trainer, batch_index):
+    tr = kto_trainer
+    batch = list(tr.get_train_dataloader())[batch_index]
+    kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("KL_")}  # (x_i, y_{i-1}) sequences
+    with torch.no_grad():
+        theirs = tr.compute_loss(tr.model, dict(batch))
+        policy = forward_logprobs(tr.model, batch)
+        policy_kl = forward_logprobs(tr.model, kl_batch)
+        with reference_policy(tr.model):
+            ref = forward_logprobs(tr.model, batch)
+            ref_kl = forward_logprobs(tr.model, kl_batch)
+        z0 = kto_reference_point(masked_sum(policy_kl["logps"], policy_kl["mask"]),
+                                 masked_sum(ref_kl["logps"], ref_kl["mask"]))
+        ours = kto_loss(masked_sum(policy["logps"], policy["mask"]), masked_sum(ref["logps"], ref["mask"]),
+                        batch["label"].bool(), z0, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+    _close(ours, theirs, BATCH_RTOL)
+    mode = "train" if tr.model.training else "eval"
+    assert z0.item() == pytest.approx(tr._metrics[mode]["kl"][-1], rel=BATCH_RTOL, abs=1e-7)  # TRL's logged "kl"
+    assert batch["label"].sum().item() == (3 if batch_index == 0 else 1)  # the uneven mixes meant above
+
+
+# ---------------------------------------------------------------- BCO (DPO's bco_pair)
+
+@pytest.fixture(scope="module")
+def bco_trainer(tokenizer, tmp_path_factory):
+    return _trainer(DPOTrainer, DPOConfig, tokenizer, tmp_path_factory.mktemp("bco"), ROWS,
+                    loss_type=["bco_pair"], beta=0.3)
+
+
+def test_bco_pair_matches_trl_dpo_on_the_same_batch_with_no_reward_shift(bco_trainer):
+    tr = bco_trainer
+    batch = next(iter(tr.get_train_dataloader()))
+    with torch.no_grad():
+        theirs = tr.compute_loss(tr.model, dict(batch))
+        policy = forward_logprobs(tr.model, batch)  # (2B, T-1): chosen rows first, then rejected
+        with reference_policy(tr.model):
+            ref = forward_logprobs(tr.model, batch)
+        policy_w, policy_l = masked_sum(policy["logps"], policy["mask"]).chunk(2)  # (B,) each
+        ref_w, ref_l = masked_sum(ref["logps"], ref["mask"]).chunk(2)
+        ours = bco_pair_loss(policy_w, policy_l, ref_w, ref_l, beta=0.3, delta=0.0)
+        shifted = bco_pair_loss(policy_w, policy_l, ref_w, ref_l, beta=0.3, delta=0.5)
+    _close(ours, theirs, BATCH_RTOL)
+    assert abs(shifted.item() - theirs.item()) > 1e-3  # TRL 1.16's bco_pair has no reward shift: δ = 0
