@@ -6,6 +6,9 @@ from rlcourse.exercises.sft import check_dft_loss, check_sft_loss, check_token_l
 from rlcourse.exercises.policy_gradient import (
     check_clipped_surrogate, check_group_advantages, check_rloo_advantages,
 )
+from rlcourse.exercises.policy_gradient import (
+    check_clipped_surrogate, check_group_advantages, check_rloo_advantages,
+)
 from rlcourse.exercises.kl import check_exact_token_kl, check_kl_k3
 from rlcourse.exercises.reward import check_bradley_terry_loss, check_reward_model_loss, check_spearman
 from rlcourse.exercises.dpo import check_dpo_loss, check_implicit_reward, check_ipo_loss
@@ -13,6 +16,7 @@ from rlcourse.exercises.dpo import check_dpo_loss, check_implicit_reward, check_
 __all__ = [
     "check_token_logprobs", "check_sft_loss", "check_dft_loss",
     "check_detect_format", "check_unpair", "check_extract_prompt",
+    "check_rloo_advantages", "check_group_advantages", "check_clipped_surrogate",
     "check_rloo_advantages", "check_group_advantages", "check_clipped_surrogate",
     "check_bradley_terry_loss", "check_reward_model_loss", "check_spearman",
     "check_implicit_reward", "check_dpo_loss", "check_ipo_loss",

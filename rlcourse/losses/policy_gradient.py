@@ -3,8 +3,8 @@
 1. ``reinforce_loss``: REINFORCE (Williams 1992): push up log π(y|x) in proportion to an advantage A.
 2. ``rloo_advantages``: RLOO's baseline, the mean reward of the *other* G-1 samples of the same prompt
    (Kool et al. 2019; Ahmadian et al. 2024).
-3. ``kl_penalized_rewards``: RLOO's KL brake, a sequence-level penalty β·Σ_t (log π_θ − log π_ref) taken
-   off the reward before the baseline (the k1 estimator, summed over tokens).
+3. RLOO's KL brake, a sequence-level penalty β·Σ_t (log π_θ − log π_ref) taken off the reward before the
+   baseline (k1 summed over tokens): ``rlcourse.kl.kl_penalized_rewards`` (lesson 10), used as is.
 4. ``reinforce_pp_advantages``: REINFORCE++'s global normalisation of the advantages over the whole batch
    (Hu 2025), TRL's ``normalize_advantages=True``.
 5. ``rloo_loss``: the loss TRL's RLOOTrainer minimises: REINFORCE with a PPO-style clipped *sequence* ratio.
@@ -21,8 +21,8 @@ completion tokens only, as TRL's are.
 
 Departures from the papers, all of them TRL 1.16's choices (so the parity tests can hold us to TRL):
 - the group std is the unbiased one (Bessel's correction) and gets +1e-4, not a tiny ε;
-- GRPO's KL term is k3 = exp(ref − logp) − (ref − logp) − 1 and, by default, is multiplied by the
-  importance ratio (``kl_bias_correction``, DeepSeek-V3.2), which changes its gradient even at ratio 1;
+- GRPO's KL term is k3 (``rlcourse.kl.kl_k3``) and, by default, is multiplied by the importance ratio
+  (``kl_bias_correction``, DeepSeek-V3.2), which changes its gradient even at ratio 1;
 - RLOO's importance ratio is over the *summed* sequence log-prob, GSPO's over the *mean*;
 - ``dapo`` divides by the tokens of the whole generation batch (``num_items``); with one generation
   batch per optimizer step and no accumulation, as in this course, that equals ``bnpo``.
@@ -31,6 +31,8 @@ Departures from the papers, all of them TRL 1.16's choices (so the parity tests 
 from __future__ import annotations
 
 import torch
+
+from rlcourse.kl import kl_k3
 
 SCALE_REWARDS = ("group", "batch", "none")
 """What GRPO divides the centred rewards by: the group's std, the whole batch's std, or nothing."""
@@ -60,18 +62,6 @@ def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor
     grouped = rewards.view(-1, num_generations)  # (B, G)
     baseline = (grouped.sum(1, keepdim=True) - grouped) / (num_generations - 1)  # (B, G)
     return (grouped - baseline).view(-1)  # (B·G,)
-
-
-def kl_penalized_rewards(rewards: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
-                         beta: float) -> torch.Tensor:
-    """r_i − β Σ_t (log π_θ(y_t|s_t) − log π_ref(y_t|s_t)): the reward with RLOO's sequence-level KL penalty.
-
-    Ahmadian et al. 2024, Eq. 2 (KL-shaped reward); the per-token term is the k1 estimator, which can be
-    negative on a single token. rewards: (N,) r; logps, ref_logps: (N, C) per-token log-probs of the
-    sampling policy and of π_ref (no gradient needed); mask: (N, C) m; beta: β. Returns (N,).
-    """
-    k1 = (logps - ref_logps).detach()  # (N, C)
-    return rewards - beta * (k1 * mask).sum(-1)
 
 
 def reinforce_pp_advantages(advantages: torch.Tensor) -> torch.Tensor:
@@ -121,16 +111,6 @@ def grpo_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: 
     else:
         return centred
     return centred / (std + 1e-4)
-
-
-def _kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(π_θ‖π_ref) per token: exp(ref − logp) − (ref − logp) − 1 ≥ 0.
-
-    logps, ref_logps: (N, C). Returns (N, C). Unbiased for the KL when y ~ π_θ; ≈ (logp − ref)²/2 when close.
-    (A private copy until ``rlcourse.kl.kl_k3`` lands; lesson 10 compares k1, k2 and k3.)
-    """
-    delta = ref_logps - logps
-    return torch.exp(delta) - delta - 1
 
 
 def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
@@ -205,7 +185,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("beta != 0 needs ref_logps, the reference policy's per-token log-probs")
-        kl = _kl_k3(logps, ref_logps)  # (N, C)
+        kl = kl_k3(logps, ref_logps)  # (N, C)
         if kl_bias_correction:
             kl = kl * ratio
         per_token = per_token + beta * kl

@@ -25,9 +25,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from rlcourse.kl import kl_k1, kl_k3, kl_penalized_rewards
 from rlcourse.losses.policy_gradient import (
-    LOSS_TYPES, SCALE_REWARDS, clip_fractions, grpo_advantages, grpo_loss, importance_ratio, _kl_k3,
-    kl_penalized_rewards, reinforce_pp_advantages, rloo_advantages, rloo_loss,
+    LOSS_TYPES, SCALE_REWARDS, clip_fractions, grpo_advantages, grpo_loss, importance_ratio,
+    reinforce_pp_advantages, rloo_advantages, rloo_loss,
 )
 from rlcourse.models import reference_policy
 from rlcourse.sampling import SamplingSettings, generate_ids
@@ -169,7 +170,7 @@ def advantages_of(batch: dict, config: OnlineConfig, logps: torch.Tensor | None 
         return grpo_advantages(rewards, G, config.scale_rewards)
     mask = batch["completion_mask"].float()
     if config.beta != 0.0:
-        rewards = kl_penalized_rewards(rewards, logps, ref_logps, mask, config.beta)
+        rewards = kl_penalized_rewards(rewards, logps, ref_logps, mask, config.beta, estimator="k1")
     adv = rloo_advantages(rewards, G)
     return reinforce_pp_advantages(adv) if config.normalize_advantages else adv
 
@@ -195,11 +196,11 @@ def online_step(model, batch: dict, config: OnlineConfig) -> tuple[torch.Tensor,
         clip = clip_fractions(ratio, advantages, mask, config.clip_eps, config.clip_eps_high)
         metrics.update({f"clip_ratio/{k}": v for k, v in clip.items()})
         if config.beta != 0.0:
-            metrics["kl_token"] = (_kl_k3(old_logps, ref_logps) * mask).sum() / n_tok
+            metrics["kl_token"] = (kl_k3(old_logps, ref_logps) * mask).sum() / n_tok
     else:
         loss = rloo_loss(logps, old_logps, advantages, mask, config.clip_eps, config.clip_eps_high)
         if config.beta != 0.0:
-            metrics["kl_token"] = ((old_logps - ref_logps) * mask).sum() / n_tok
+            metrics["kl_token"] = (kl_k1(old_logps, ref_logps) * mask).sum() / n_tok
     rewards = batch["rewards"]
     grouped = rewards.view(-1, config.num_generations)  # (B, G)
     lengths = batch["completion_mask"].sum(-1).float()  # (N,)
