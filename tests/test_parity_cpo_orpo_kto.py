@@ -208,11 +208,18 @@ def test_kto_matches_trl_on_the_same_batch(kto_trainer, batch_index):
         with reference_policy(tr.model):
             ref = forward_logprobs(tr.model, batch)
             ref_kl = forward_logprobs(tr.model, kl_batch)
+        kl_logratios = masked_sum(policy_kl["logps"], policy_kl["mask"]) - masked_sum(ref_kl["logps"], ref_kl["mask"])
         z0 = kto_reference_point(masked_sum(policy_kl["logps"], policy_kl["mask"]),
                                  masked_sum(ref_kl["logps"], ref_kl["mask"]))
-        ours = kto_loss(masked_sum(policy["logps"], policy["mask"]), masked_sum(ref["logps"], ref["mask"]),
-                        batch["label"].bool(), z0, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+        args = (masked_sum(policy["logps"], policy["mask"]), masked_sum(ref["logps"], ref["mask"]), batch["label"].bool())
+        weights = dict(beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+        ours = kto_loss(*args, z0, **weights)
+        unclamped = kto_loss(*args, kl_logratios.mean(), **weights)
     _close(ours, theirs, BATCH_RTOL)
+    if batch_index == 0:  # this batch's KL estimate is negative: the clamp at 0 is what makes us match
+        assert z0.item() == 0.0 and abs(unclamped.item() - theirs.item()) > 1e-3
+    else:  # this one's is positive: z₀ is the mean mismatched log-ratio itself
+        assert z0.item() > 0.05 and z0.item() == pytest.approx(kl_logratios.mean().item())
     mode = "train" if tr.model.training else "eval"
     assert z0.item() == pytest.approx(tr._metrics[mode]["kl"][-1], rel=BATCH_RTOL, abs=1e-7)  # TRL's logged "kl"
     assert batch["label"].sum().item() == (3 if batch_index == 0 else 1)  # the uneven mixes meant above
