@@ -6,3 +6,13 @@ from rlcourse.losses.dpo import dpo_loss, implicit_reward, ipo_loss
 
 __all__ = ["sft_loss", "dft_loss", "dpo_loss", "ipo_loss", "implicit_reward",
            "bradley_terry_loss", "margin_loss", "center_rewards_loss", "reward_model_loss"]
+
+from rlcourse.losses.cpo import cpo_loss, simpo_loss, simpo_reward
+from rlcourse.losses.orpo import log_odds, odds_ratio_loss, orpo_loss
+from rlcourse.losses.kto import kto_loss, kto_reference_point, mismatched_completions
+from rlcourse.losses.bco import RewardShift, bco_loss, bco_pair_loss
+from rlcourse.losses.dro import dro_loss, dro_policy_loss, dro_value_loss
+
+__all__ += ["cpo_loss", "simpo_loss", "simpo_reward", "orpo_loss", "odds_ratio_loss", "log_odds",
+            "kto_loss", "kto_reference_point", "mismatched_completions", "bco_loss", "bco_pair_loss", "RewardShift",
+            "dro_loss", "dro_policy_loss", "dro_value_loss"]
