@@ -225,6 +225,23 @@ def test_kto_matches_trl_on_the_same_batch(kto_trainer, batch_index):
     assert batch["label"].sum().item() == (3 if batch_index == 0 else 1)  # the uneven mixes meant above
 
 
+def test_kto_with_a_zero_reference_point_is_trl_apo_zero_unpaired(kto_trainer):
+    tr = kto_trainer
+    batch = list(tr.get_train_dataloader())[1]
+    tr.loss_type, tr.calculate_KL = "apo_zero_unpaired", False  # what KTOTrainer sets for this loss_type
+    try:
+        with torch.no_grad():
+            theirs = tr.compute_loss(tr.model, dict(batch))
+            policy = forward_logprobs(tr.model, batch)
+            with reference_policy(tr.model):
+                ref = forward_logprobs(tr.model, batch)
+    finally:
+        tr.loss_type, tr.calculate_KL = "kto", True
+    ours = kto_loss(masked_sum(policy["logps"], policy["mask"]), masked_sum(ref["logps"], ref["mask"]),
+                    batch["label"].bool(), 0.0, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+    _close(ours, theirs, BATCH_RTOL)
+
+
 # ---------------------------------------------------------------- BCO (DPO's bco_pair)
 
 @pytest.fixture(scope="module")
