@@ -21,9 +21,10 @@ batch-level reference point z₀; that is what lets the data be unpaired.
 Departures, to match TRL 1.16's ``KTOTrainer`` (``loss_type="kto"``):
 
 - z₀ is the batch mean of the mismatched log-ratios, **detached** (no gradient through it) and **clamped at 0**
-  (a KL is ≥ 0, the estimate may not be). The paper's final version describes the same max(0, ·) estimate and the
-  stop-gradient; the authors' early code (HALOs, January 2024) back-propagated through it and used the opposite half
-  of the batch for each label. Under several processes TRL also averages z₀ across them.
+  (a KL is ≥ 0, the estimate may not be). The clamp is the paper's max(0, ·); the stop-gradient is TRL's (whether
+  the paper's final version also stops it was not checked offline). The authors' early code (HALOs, January 2024,
+  their issue #4) back-propagated through the KL term and estimated it, for each label, from the examples of the
+  other label. Under several processes TRL also averages z₀ across them.
 - TRL builds the mismatched pairs by rotating completions by one *within each batch* of the dataset (of size
   ``per_device_train_batch_size``, so the data order must be sequential): x_i is paired with y_{i−1}, x_1 with y_B.
 - The loss is the plain mean over the B examples of λ_y(1 − σ(·)) (TRL concatenates the weighted desirable and
