@@ -242,3 +242,22 @@ def test_our_loop_casts_the_head_like_trl_and_runs(quantized, tokenizer, tmp_pat
     assert log.rows[0]["grad_norm"] > 0
     res = rm.heldout_eval(model, tokenizer, ROWS)  # scoring outside training runs under autocast too
     assert res.chosen.dtype == res.rejected.dtype and len(res.chosen) == 4
+
+
+def test_on_plain_text_transformers_reads_the_token_before_the_final_eos(plain, tokenizer):
+    """Standard (non-chat) pairs get EOS appended, as RewardTrainer does; SmolLM2's EOS is its pad token, so
+    transformers' pooling skips it and reads the token before, where ours reads the EOS itself. The lesson
+    says so; the course's data are conversational, where the two agree (test above)."""
+    trainer, _ = plain
+    rows = [{"prompt": "Q: Why is the sky blue?\nA:", "chosen": " Scattering.", "rejected": " No idea, sorry."}]
+    pair = rm.tokenize_pair(tokenizer, rows[0])
+    assert pair["chosen_ids"][-1] == tokenizer.eos_token_id == tokenizer.pad_token_id
+    batch = rm.collate_pairs([pair], tokenizer.pad_token_id)
+    with torch.no_grad():
+        theirs = trainer.model(**batch).logits.squeeze(-1)
+        mine = rm.sequence_rewards(trainer.model, batch["input_ids"], batch["attention_mask"])
+        shorter = batch["attention_mask"].clone()
+        shorter[torch.arange(2), shorter.sum(-1) - 1] = 0  # drop the final EOS from our pooling
+        before_eos = rm.sequence_rewards(trainer.model, batch["input_ids"], shorter)
+    assert not torch.allclose(mine, theirs)
+    torch.testing.assert_close(before_eos, theirs, rtol=1e-5, atol=1e-6)

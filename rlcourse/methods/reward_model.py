@@ -14,9 +14,11 @@ What ``RewardTrainer`` does, and so what we do:
 
 Where we depart from TRL: we read that last token from the attention mask and apply the head to it alone
 (``sequence_rewards``); transformers applies the head at every position and then picks the last position
-whose token is not the pad token. The two agree here (SmolLM2's template ends every conversation with
-"<|im_end|>\\n", and "\\n" is not the pad token), and a test checks it. We also compute the loss in fp32 on
-the bf16 rewards, where TRL computes it in the rewards' dtype.
+whose token is not the pad token. The two agree on conversational data (SmolLM2's template ends every
+conversation with "<|im_end|>\\n", and "\\n" is not the pad token). On plain-text pairs they part: TRL appends
+the EOS token, which for SmolLM2 is also the pad token, so transformers reads the token before it, and we read
+the EOS itself. Tests check both. We also compute the loss in fp32 on the bf16 rewards, where TRL computes it
+in the rewards' dtype.
 """
 
 from __future__ import annotations
@@ -269,6 +271,22 @@ def make_probe(tokenizer, rows, batch_size: int = 16):
     return probe
 
 
+def show_pairs(rows, results: dict[str, HeldOut], k: int = 3, width: int = 160) -> None:
+    """Print the first ``k`` held-out pairs: each completion with its gold score and every model's RM score."""
+    import textwrap
+
+    from rlcourse.tasks.base import message_text
+
+    rows = list(rows)
+    for i in range(min(k, len(rows))):
+        print(f"── prompt: {message_text(rows[i]['prompt'])}")
+        for side in ("chosen", "rejected"):
+            scores = "  ".join(f"{name} {getattr(res, side)[i]:+.2f}" for name, res in results.items())
+            gold = rows[i][f"score_{side}"]
+            text = textwrap.shorten(message_text(rows[i][side]).replace("\n", " "), width=width, placeholder=" …")
+            print(f"   {side:>8} gold {gold:.2f} | RM: {scores}\n            {text}")
+
+
 def plot_scores_vs_gold(results: dict[str, HeldOut], path=None):
     """One scatter panel per model: RM score against gold score of every held-out completion."""
     import matplotlib.pyplot as plt
@@ -291,11 +309,20 @@ def plot_scores_vs_gold(results: dict[str, HeldOut], path=None):
 # ── the artifact later lessons load ──────────────────────────────────────────────────────────────────
 
 
-def artifact_dir(profile: str) -> Path:
-    """Where the trained reward model of a profile lives: ``build/04_reward-models/<profile>/reward_model``."""
+def run_name(profile: str, config: RewardModelConfig = RewardModelConfig()) -> str:
+    """The run's folder name under ``build/04_reward-models/``: the profile, plus the settings that differ
+    from ``RewardModelConfig()`` (so a variant never overwrites the default reward model)."""
+    default = RewardModelConfig()
+    changed = [f"{k}{v}" for k, v in asdict(config).items() if v != getattr(default, k)]
+    return "-".join([profile, *changed])
+
+
+def artifact_dir(profile: str, config: RewardModelConfig = RewardModelConfig()) -> Path:
+    """Where the trained reward model lives: ``build/04_reward-models/<run_name>/reward_model``
+    (``build/04_reward-models/cpu/reward_model`` for the cpu profile with the default settings)."""
     from rlcourse.paths import build_dir
 
-    return build_dir(SLUG, profile) / "reward_model"
+    return build_dir(SLUG, run_name(profile, config)) / "reward_model"
 
 
 def save_reward_model(model, folder: str | Path, meta: dict) -> None:
@@ -336,7 +363,7 @@ def train_reward_model(profile: str = "cpu", seed: int = 0, config: RewardModelC
     from rlcourse.train import train
 
     P = get_profile(profile)
-    folder = Path(folder) if folder is not None else artifact_dir(P.name)
+    folder = Path(folder) if folder is not None else artifact_dir(P.name, config)
     task, tok = get_task(task_name), load_tokenizer()
     model = load_reward_model(lora=LoraSettings(), seed=seed, tokenizer=tok)
     held_out = eval_pairs(task, P.n_eval)
@@ -385,7 +412,7 @@ def load_or_train_reward_model(profile: str = "cpu", seed: int = 0, config: Rewa
     from rlcourse.profiles import get_profile
 
     name = get_profile(profile).name
-    folder = Path(folder) if folder is not None else artifact_dir(name)
+    folder = Path(folder) if folder is not None else artifact_dir(name, config)
     if (folder / "reward_model.json").exists():
         model, meta = load_saved_reward_model(folder)
         wanted = {"profile": name, "seed": seed, "config": asdict(config), "task": task_name}
