@@ -23,8 +23,9 @@ How it relates to TRL 1.16, which has no BCO trainer (README pitfall 7):
 - ``RewardShift`` follows the removed ``BCOTrainer``: before each loss, update the running mean with every reward of
   the batch (detached), then use the updated mean as δ. It is a cumulative mean over all rewards seen (each reward
   weighs the same), which is what TRL's ``RunningMoments`` computed, not an exponential moving average.
-- Not reproduced: the paper's *underlying distribution matching* (UDM), which re-weights undesirable examples by a
-  density ratio from a classifier on prompt embeddings (``BCOConfig.prompt_sample_size`` in old TRL).
+- Not reproduced: *underlying distribution matching* (UDM), proposed in the paper's first version (v1, 2024) and
+  implemented by the removed ``BCOTrainer``: undesirable examples re-weighted by a density ratio from a classifier
+  on prompt embeddings. The later version (ACL 2025) keeps the reward shift as the technique that tightens the bound.
 """
 
 from __future__ import annotations

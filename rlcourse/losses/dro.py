@@ -23,8 +23,9 @@ The paper (DRO-V) optimises it with two losses that share its minimiser:
 There is no TRL counterpart. Departures and choices, stated:
 
 - Log-probs are sums over completion tokens (``masked_sum``), the sequence-level log π(y|x) of the paper.
-- The policy loss is scaled by 1/τ relative to ∂L_DRO/∂θ, so its size does not vanish with small τ (as the
-  paper's policy update is written); the value loss is ∂L_DRO/∂φ itself.
+- The policy loss is scaled by 1/τ relative to ∂L_DRO/∂θ: the REINFORCE term carries no τ and the penalty τ/2, the
+  form in which DRO's policy update is usually implemented (e.g. Tinker's DRO loss); the paper's own scaling of
+  the two updates was not checked offline. Only the step size differs. The value loss is ∂L_DRO/∂φ itself.
 - V_φ(x) is whatever the caller provides, shape (B,) (one value per row, the same for rows that share a prompt);
   the paper uses a separate value network. Lesson 09 uses a small head or a per-prompt table.
 - Each loss is a mean over the B rows, a scalar.
