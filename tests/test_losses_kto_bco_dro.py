@@ -141,6 +141,22 @@ def test_bco_saturates_like_a_classifier_not_like_kto():
     assert abs(low_kto.grad.item()) < 1e-15
 
 
+def test_bco_and_kto_agree_in_direction_and_bco_pulls_twice_as_hard_at_the_reference_point():
+    # Same unpaired data, same implicit reward: KTO's 1 − σ(β(r − z₀)) and BCO's −log σ(βr − δ) with δ = βz₀.
+    policy, ref, labels = _unpaired()
+    beta, z0 = 0.2, 0.5
+    grads = []
+    for loss in (lambda p: kto_loss(p, ref, labels, z0, beta), lambda p: bco_loss(p, ref, labels, beta, beta * z0)):
+        p = policy.clone().requires_grad_(True)
+        loss(p).backward()
+        grads.append(p.grad)
+    assert (grads[0].sign() == grads[1].sign()).all()
+    at_reference = (ref + z0).requires_grad_(True)  # every r_θ = z₀: each example sits on the reference point
+    kto_grad, = torch.autograd.grad(kto_loss(at_reference, ref, labels, z0, beta), at_reference)
+    bco_grad, = torch.autograd.grad(bco_loss(at_reference, ref, labels, beta, beta * z0), at_reference)
+    torch.testing.assert_close(bco_grad, 2 * kto_grad)  # σ'(0) = 1/4 vs (1 − σ(0)) = 1/2
+
+
 # ---------------------------------------------------------------- DRO
 
 def test_dro_residual_vanishes_at_the_optimal_policy_and_value():
