@@ -40,6 +40,11 @@ def test_reference_point_is_the_mean_log_ratio_clamped_at_zero_without_gradient(
     z0 = kto_reference_point(policy, ref)
     assert z0.item() == pytest.approx(0.8) and not z0.requires_grad
     assert kto_reference_point(ref - 1.0, ref).item() == 0.0  # a negative KL estimate is clamped to 0
+    undetached = (policy - ref).mean()  # even if a caller forgets the stop-gradient, kto_loss applies it
+    kto_loss(policy, ref, torch.tensor([True, False, True]), undetached, beta=1.0).backward()
+    direct = policy.detach().clone().requires_grad_(True)
+    kto_loss(direct, ref, torch.tensor([True, False, True]), undetached.detach(), beta=1.0).backward()
+    torch.testing.assert_close(policy.grad, direct.grad)
 
 
 def test_kto_reduces_to_its_reference_point_when_policy_equals_reference():

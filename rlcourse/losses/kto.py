@@ -82,7 +82,7 @@ def kto_loss(
 
     policy_logps, ref_logps: (B,) log π_θ(y|x), log π_ref(y|x) summed over completion tokens.
     labels: (B,) bool, True where y is desirable. reference_point: z₀, a scalar (``kto_reference_point``; 0 gives
-    TRL's ``apo_zero_unpaired``). beta: β. desirable_weight, undesirable_weight: λ_D, λ_U (λ_U > λ_D is loss
+    TRL's ``apo_zero_unpaired``); no gradient flows through it, whatever is passed. beta: β. desirable_weight, undesirable_weight: λ_D, λ_U (λ_U > λ_D is loss
     aversion). Returns a scalar.
     """
     same_shape_1d(policy_logps=policy_logps, ref_logps=ref_logps, labels=labels)
@@ -91,4 +91,5 @@ def kto_loss(
     rewards = policy_logps - ref_logps  # (B,) r_θ(x, y)
     sign = labels.to(rewards.dtype) * 2 - 1  # (B,) +1 desirable, −1 undesirable
     weights = torch.where(labels, desirable_weight, undesirable_weight).to(rewards.dtype)  # (B,) λ_y
-    return (weights * (1 - F.sigmoid(sign * beta * (rewards - reference_point)))).mean()
+    z0 = torch.as_tensor(reference_point, dtype=rewards.dtype).detach()
+    return (weights * (1 - F.sigmoid(sign * beta * (rewards - z0)))).mean()
