@@ -182,6 +182,13 @@ def add_reference_adapter(model) -> None:
             ref.requires_grad_(False)
 
 
+def remove_reference_adapter(model) -> None:
+    """Delete the adapter "ref" (ours, or the one TRL's DPOTrainer adds to a PEFT model); "default" stays active."""
+    if REF_ADAPTER in model.peft_config:
+        model.delete_adapter(REF_ADAPTER)
+        model.set_adapter("default")
+
+
 @torch.no_grad()
 def sync_reference(model, alpha: float) -> None:
     """TR-DPO's soft update of the reference adapter: ref ← α·θ + (1−α)·ref, tensor by tensor (the rule of TRL's
