@@ -172,6 +172,9 @@ def test_tr_dpo_reference_adapter_starts_at_the_base_and_follows_the_policy(toke
     assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
     with pytest.raises(ValueError, match="already has an adapter"):
         dpo.add_reference_adapter(model)
+    dpo.remove_reference_adapter(model)  # as after a TRL run, so that a fresh reference can be added
+    assert dpo.REF_ADAPTER not in model.peft_config and model.active_adapter == "default"
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_tr_dpo_without_reference_adapter_says_how_to_fix(tokenizer):
