@@ -10,7 +10,7 @@ What this module implements (lesson 10; the RLOO, GRPO and PPO lessons import it
 4. ``kl_loss_term``: KL as a term added to the loss (GRPO, Shao et al. 2024), with TRL 1.16's optional
    importance-ratio correction.
 5. ``AdaptiveKLController``: Ziegler et al.'s controller that adapts β to hit a target KL.
-6. ``optimal_policy`` and ``toy_optimize``: an exact toy problem (one categorical "policy" over a few answers)
+6. ``optimal_policy`` (and its forward-KL counterpart) and ``toy_optimize``: an exact toy problem (one categorical "policy" over a few answers)
    on which the reward–KL trade-off and the estimators' gradients can be computed without sampling noise.
 7. ``sample_token_kl`` and ``estimator_stats``: sample completions from the real policy and measure each
    estimator's bias and spread against the exact KL; ``sequence_kl``: the exact per-token KL the probes log.
@@ -258,6 +258,30 @@ def optimal_policy(ref_logprobs: torch.Tensor, rewards: torch.Tensor, beta: floa
     return torch.log_softmax(ref_logprobs + rewards / beta, dim=-1)
 
 
+def optimal_policy_forward_kl(ref_logprobs: torch.Tensor, rewards: torch.Tensor, beta, iters: int = 200
+                              ) -> torch.Tensor:
+    """The maximiser of E_π[r] − β KL(π_ref ‖ π), the *forward* KL: where GRPO's plain k3 loss term leads.
+
+    Setting the gradient of the Lagrangian to zero gives π(a) = β π_ref(a) / (λ − r(a)), with λ > max r chosen
+    so that the probabilities sum to 1 (found by bisection; Σ_a is decreasing in λ). ref_logprobs: (K,);
+    rewards: (K,); beta: float or (N, 1). Returns (N, K) (or (K,)) log-probabilities.
+    """
+    ref = ref_logprobs.exp().double()
+    r = rewards.double()
+    beta = torch.as_tensor(beta, dtype=torch.float64)
+    total = lambda lam: (beta * ref / (lam - r)).sum(-1, keepdim=True)  # noqa: E731  (N, 1), decreasing in λ
+    lo = torch.full_like(total(r.max() + 1.0), r.max().item())  # Σ → ∞ as λ → max r from above
+    hi = lo + 1.0
+    while (total(hi) > 1).any():
+        hi = torch.where(total(hi) > 1, lo + 2 * (hi - lo), hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        above = total(mid) > 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    probs = beta * ref / ((lo + hi) / 2 - r)  # (N, K) or (K,)
+    return torch.log(probs / probs.sum(-1, keepdim=True))
+
+
 TOY_MODES = ("reward_k1", "loss_k1", "loss_k2", "loss_k3", "loss_k3_ratio")
 """Where the KL goes in ``toy_optimize``: in the reward (k1), or in the loss with k1, k2, k3, or k3 × ratio (TRL 1.16)."""
 
@@ -351,7 +375,8 @@ def sample_token_kl(model, tokenizer, prompts: list, num_samples: int, max_new_t
 
     - ``logps``, ``ref_logps``: (N, L) log π_θ and log π_ref of each sampled token;
     - ``exact_kl``: (N, L) the exact KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) over the vocabulary at each position;
-    - ``mask``: (N, L) 1 on completion tokens; ``prompt_index``: (N,) which prompt each row answers.
+    - ``mask``: (N, L) 1 on completion tokens; ``prompt_index``: (N,) which prompt each row answers;
+    - ``completion_ids``: (N, L) the sampled token ids (padding after the first EOS is the pad token).
     """
     from rlcourse.sampling import prompt_text
 
@@ -361,7 +386,7 @@ def sample_token_kl(model, tokenizer, prompts: list, num_samples: int, max_new_t
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token_id
-    out = {k: [] for k in ("logps", "ref_logps", "exact_kl", "mask")}
+    out = {k: [] for k in ("logps", "ref_logps", "exact_kl", "mask", "completion_ids")}
     torch.manual_seed(seed)
     try:
         for prompt in prompts:
@@ -386,10 +411,15 @@ def sample_token_kl(model, tokenizer, prompts: list, num_samples: int, max_new_t
                 out["ref_logps"].append(logq.gather(-1, target).squeeze(-1))
                 out["exact_kl"].append(exact_token_kl(logp, logq))
                 out["mask"].append(mask[start : start + batch_size])
+                out["completion_ids"].append(chunk[:, n_prompt:])
     finally:
         model.train(was_training)
-    pad = lambda t: F.pad(t, (0, max_new_tokens - t.shape[1])).cpu()  # noqa: E731  (b, L') -> (b, L)
-    result = {k: torch.cat([pad(t) for t in v]) for k, v in out.items()}  # each (N, L)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:  # (b, L') -> (b, L)
+        return F.pad(t, (0, max_new_tokens - t.shape[1]), value=value).cpu()
+
+    result = {k: torch.cat([pad(t, tokenizer.pad_token_id if k == "completion_ids" else 0) for t in v])
+              for k, v in out.items()}  # each (N, L)
     result["prompt_index"] = torch.arange(len(prompts)).repeat_interleave(num_samples)  # (N,)
     return result
 

@@ -45,6 +45,10 @@ GLOSSARY: dict[str, str] = {
     "eval_accuracy": "Reward model: fraction of held-out pairs whose chosen completion scores above the rejected one.",
     "eval_spearman": "Reward model: Spearman rank correlation between the RM's score and the gold score over all "
                      "held-out completions (chosen and rejected).",
+    "beta": "KL coefficient β in force at the step; it changes only under an adaptive KL controller "
+            "(rlcourse.kl.AdaptiveKLController, lesson 10).",
+    "expected_reward": "Exact expected reward E_π[r] of a categorical toy policy, summed over its answers "
+                       "(no sampling; lesson 10).",
 }
 
 

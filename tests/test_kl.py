@@ -20,6 +20,7 @@ from rlcourse.kl import (
     kl_loss_term,
     kl_penalized_rewards,
     optimal_policy,
+    optimal_policy_forward_kl,
     sample_token_kl,
     toy_optimize,
 )
@@ -261,6 +262,19 @@ def test_toy_optimisation_reaches_the_closed_form_only_with_a_reverse_kl_gradien
     assert out["kl"].shape == (1501, 2) and out["kl"][0].abs().max() < 1e-12  # starts at π_ref
 
 
+def test_plain_k3_in_the_loss_converges_to_the_forward_kl_optimum():
+    betas = [0.3, 1.0]
+    forward = optimal_policy_forward_kl(REF, R, torch.tensor(betas, dtype=torch.float64).reshape(-1, 1))  # (2, K)
+    torch.testing.assert_close(forward.exp().sum(-1), torch.ones(2, dtype=torch.float64))
+    objective = lambda lp, b: (lp.exp() * R).sum() - b * exact_token_kl(REF, lp)  # noqa: E731  E[r] − β KL(ref‖π)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        other = torch.log_softmax(forward[0] + 0.1 * torch.randn(6, generator=g, dtype=torch.float64), -1)
+        assert objective(other, 0.3) < objective(forward[0], 0.3)
+    out = toy_optimize(REF, R, betas, "loss_k3", steps=1500, lr=0.05)
+    assert (out["logprobs"].exp() - forward.exp()).abs().max() < 1e-3
+
+
 def test_toy_controller_brings_the_kl_to_its_target():
     controller = AdaptiveKLController(init_beta=1.0, target=0.4, horizon=10)
     out = toy_optimize(REF, R, [1.0], "reward_k1", steps=1500, lr=0.05, controller=controller)
@@ -302,6 +316,10 @@ def test_sample_token_kl_is_zero_with_fresh_adapters_and_masks_after_eos(tiny, t
     out = sample_token_kl(tiny, tokenizer, prompts, num_samples=3, max_new_tokens=6, seed=0, batch_size=2)
     assert out["logps"].shape == out["exact_kl"].shape == out["mask"].shape == (6, 6)
     assert out["prompt_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert out["completion_ids"].shape == (6, 6) and out["completion_ids"].dtype == torch.long
+    ended = out["completion_ids"] == tokenizer.eos_token_id  # the first EOS counts, everything after it is masked
+    first_eos = torch.where(ended.any(1), ended.float().argmax(1), torch.full((6,), 6))
+    torch.testing.assert_close(out["mask"].sum(1), (first_eos + 1).clamp(max=6).float())
     # LoRA's B starts at zero: the policy *is* the reference, so every KL is 0 up to rounding
     assert out["exact_kl"].abs().max() < 1e-5 and (out["logps"] - out["ref_logps"]).abs().max() < 1e-5
     # a mask is 1 on a prefix only (1s, then 0s)
