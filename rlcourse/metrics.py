@@ -49,6 +49,22 @@ GLOSSARY: dict[str, str] = {
             "(rlcourse.kl.AdaptiveKLController, lesson 10).",
     "expected_reward": "Exact expected reward E_π[r] of a categorical toy policy, summed over its answers "
                        "(no sampling; lesson 10).",
+    "reward": "Online RL: mean reward of the completions sampled in the step (the training batch, before the update).",
+    "reward_std": "Online RL: standard deviation of the rewards over all completions of the step.",
+    "reward_group_std": "Online RL: mean over the step's prompts of the reward std within each prompt's group of G "
+                        "completions (the spread GRPO and RLOO learn from; ours only).",
+    "frac_reward_zero_std": "Online RL: share of the step's groups whose G rewards are all equal, so every "
+                            "advantage in them is 0 and they teach nothing.",
+    "completions/mean_length": "Online RL: mean completion length in tokens (the end-of-turn token included).",
+    "clip_ratio/low_mean": "GRPO/RLOO: share of completion tokens with ρ < 1−ε and A < 0, whose gradient the clip removes.",
+    "clip_ratio/high_mean": "GRPO/RLOO: share of completion tokens with ρ > 1+ε_high and A > 0, whose gradient the "
+                            "clip removes.",
+    "clip_ratio/region_mean": "GRPO/RLOO: share of completion tokens clipped on either side (0 with one update per batch).",
+    "kl_token": "Online RL: mean per-token KL estimate on the step's completions, k3 for GRPO and k1 for RLOO (TRL "
+                "logs it as `kl`; renamed so that `kl` keeps its held-out, per-sequence meaning).",
+    "advantages/mean": "Online RL: mean advantage over the step's completions (0 for group-centred advantages).",
+    "advantages/std": "Online RL: standard deviation of the step's advantages.",
+    "advantages/abs_max": "Online RL: largest |advantage| in the step.",
 }
 
 

@@ -31,7 +31,8 @@ def length_reward(prompts, completions, **kwargs):
 def setup(tokenizer, tmp_path_factory):
     rows = list(get_task("arithmetic").prompts("train").select(range(PROMPTS)))
     model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    config = OnlineConfig(num_generations=G, prompts_per_step=PROMPTS, sampling=SamplingSettings(max_new_tokens=MAX_NEW))
+    config = OnlineConfig(num_generations=G, prompts_per_step=PROMPTS,
+                          sampling=SamplingSettings(max_new_tokens=MAX_NEW))
     train = TrainConfig(steps=1, batch_size=config.completions_per_step, learning_rate=1e-3, bf16=False)
     args = trl_online_config(config, train, tmp_path_factory.mktemp("grpo"), beta=0.04)
     trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_list(rows),
@@ -111,7 +112,8 @@ def test_advantages_match_trl_on_its_own_completions(setup, tokenizer, scale_rew
     prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(out["prompt_ids"], out["prompt_mask"])]
     completion_ids = [ids[m.bool()].tolist() for ids, m in zip(out["completion_ids"], out["completion_mask"])]
     ours = Rollouts(model, tokenizer, rows, length_reward, config).score(rows, prompt_ids, completion_ids)
-    assert torch.equal(ours["completion_ids"], out["completion_ids"]) and torch.equal(ours["prompt_ids"], out["prompt_ids"])
+    assert torch.equal(ours["completion_ids"], out["completion_ids"])
+    assert torch.equal(ours["prompt_ids"], out["prompt_ids"])
     assert ours["rewards"].std() > 0
     torch.testing.assert_close(grpo_advantages(ours["rewards"], G, scale_rewards), out["advantages"],
                                rtol=1e-5, atol=1e-6)
