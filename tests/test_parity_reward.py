@@ -261,3 +261,25 @@ def test_on_plain_text_transformers_reads_the_token_before_the_final_eos(plain, 
         before_eos = rm.sequence_rewards(trainer.model, batch["input_ids"], shorter)
     assert not torch.allclose(mine, theirs)
     torch.testing.assert_close(before_eos, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_load_or_train_trains_saves_and_then_loads_the_same_model(tokenizer, tmp_path, monkeypatch):
+    """The path lessons 13 and 15 take, on the tiny model: no artifact -> train (ci profile) and save; then
+    the same call loads it, frozen, with the trained scores."""
+    import rlcourse.models as models
+
+    def tiny_loader(lora=None, seed=0, tokenizer=tokenizer, **kwargs):
+        return tiny_reward_model(tokenizer, seed=0 if lora is None else seed, lora=lora)
+
+    monkeypatch.setattr(models, "load_reward_model", tiny_loader)
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: tokenizer)
+    folder = tmp_path / "ci" / "reward_model"
+    trained, meta = rm.load_or_train_reward_model("ci", folder=folder)
+    assert (folder / "reward_model.json").exists() and (tmp_path / "ci" / "ours" / "checkpoint").exists()
+    assert meta["profile"] == "ci" and meta["train"]["steps"] == 3 and 0 <= meta["heldout"]["accuracy"] <= 1
+    loaded, meta2 = rm.load_or_train_reward_model("ci", folder=folder)
+    assert meta2 == meta and not any(p.requires_grad for p in loaded.parameters())
+    rows = ROWS[:2]
+    a, b = rm.score_pairs(trained, tokenizer, rows), rm.score_pairs(loaded, tokenizer, rows)
+    for x, y in zip(a, b):
+        assert x.tolist() == pytest.approx(y.tolist(), abs=1e-2)  # bf16 training vs fp32 reload, under autocast
