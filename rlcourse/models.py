@@ -146,6 +146,22 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
     return n
 
 
+def _load_kwargs(quantize: bool, compute_dtype: torch.dtype) -> dict:
+    """``from_pretrained`` arguments shared by the policy and the reward model: fp32 weights, or 4-bit NF4
+    (no double quantisation) dequantised to ``compute_dtype`` for each matmul."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.float32}
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=False,
+        )
+    return kwargs
+
+
 def load_model(
     quantize: bool = True,
     lora: LoraSettings | None = None,
@@ -158,16 +174,9 @@ def load_model(
     ``compute_dtype`` is the dtype NF4 weights are dequantised to for each matmul. ``seed`` fixes the
     LoRA initialisation, so our loop and TRL's can start from the same adapters.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch.float32}
-    if quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=False,
-        )
+    kwargs = _load_kwargs(quantize, compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(path or model_path(), **kwargs)
     if quantize:
         disable_bnb_cpu_repack(model)
@@ -257,17 +266,10 @@ def load_reward_model(
     applied (README pitfall 1), and ``config.pad_token_id`` is set to the tokenizer's, as ``RewardTrainer``
     does: the model reads each sequence's score at its last token that is not padding.
     """
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    kwargs = {"dtype": torch.float32, "num_labels": 1}
-    if quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=False,
-        )
+    kwargs = {**_load_kwargs(quantize, compute_dtype), "num_labels": 1}
     path = path or model_path()
     torch.manual_seed(seed)  # the score head is initialised at load time
     with suppress_seqcls_warning():  # "score.weight newly initialised": expected, the head is new
