@@ -31,6 +31,7 @@ from rlcourse.losses.cpo import cpo_loss, simpo_loss
 from rlcourse.losses.kto import kto_loss, kto_reference_point, mismatched_completions
 from rlcourse.losses.orpo import log_odds, odds_ratio_loss, orpo_loss
 from rlcourse.losses.sft import sft_loss
+from rlcourse.methods import reference_free
 from rlcourse.models import LoraSettings, reference_policy, tiny_model
 from rlcourse.train import TrainConfig
 from rlcourse.trl_runs import trl_config
@@ -143,6 +144,38 @@ def test_cpo_and_simpo_match_trl_on_the_same_batch(cpo_trainer, loss_type, cpo_a
         assert metrics["nll_loss"] == 0.0  # TRL skips the NLL (logs 0) when cpo_alpha == 0
 
 
+def _our_pair_batch(tokenizer):
+    """Our tokenisation and batch of ROWS (CPOTrainer's and ORPOTrainer's are the same code)."""
+    tokenized = reference_free.tokenize_dataset(Dataset.from_list(ROWS), tokenizer, MAX_LENGTH)
+    return tokenized, reference_free.batch_fn(tokenized, len(ROWS), tokenizer.pad_token_id, MAX_LENGTH)(0)
+
+
+@pytest.mark.parametrize("trainer_name", ["cpo_trainer", "orpo_trainer"])
+def test_our_pair_tokenisation_is_trls_with_its_extra_eos(trainer_name, tokenizer, request):
+    data = request.getfixturevalue(trainer_name).train_dataset
+    tokenized, _ = _our_pair_batch(tokenizer)
+    for i, ours in enumerate(tokenized):
+        for side in ("chosen", "rejected"):
+            assert ours["prompt_ids"] + ours[f"{side}_ids"] == data[i][f"{side}_input_ids"]
+            n_prompt = sum(1 for label in data[i][f"{side}_labels"] if label == -100)
+            assert n_prompt == len(ours["prompt_ids"])
+            assert tokenizer.decode(ours[f"{side}_ids"][-3:]).endswith("<|im_end|>\n<|im_end|>")  # TRL's extra EOS
+
+
+@pytest.mark.parametrize("loss_type,cpo_alpha", [("sigmoid", 1.0), ("simpo", 0.0)])
+def test_cpo_step_matches_trl_batch_loss_and_metrics(cpo_trainer, tokenizer, loss_type, cpo_alpha):
+    tr = cpo_trainer
+    tr.loss_type, tr.cpo_alpha, tr.beta, tr.label_smoothing, tr.simpo_gamma = loss_type, cpo_alpha, 0.2, 0.0, 0.5
+    settings = reference_free.CPOSettings(loss_type=loss_type, beta=0.2, simpo_gamma=0.5, cpo_alpha=cpo_alpha)
+    _, batch = _our_pair_batch(tokenizer)
+    with torch.no_grad():
+        theirs, their_metrics = tr.get_batch_loss_metrics(tr.model, next(iter(tr.get_train_dataloader())))
+        ours, our_metrics = reference_free.cpo_step(tr.model, batch, settings)
+    _close(ours, theirs, BATCH_RTOL)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss"):
+        assert our_metrics[name].item() == pytest.approx(their_metrics[name], rel=BATCH_RTOL, abs=1e-6), name
+
+
 # ---------------------------------------------------------------- ORPO
 
 @pytest.fixture(scope="module")
@@ -175,6 +208,18 @@ def test_orpo_matches_trl_on_the_same_batch_with_its_nll_over_prompt_and_complet
     _close(ours, theirs, BATCH_RTOL)
     assert nll_trl.item() == pytest.approx(metrics["nll_loss"], rel=BATCH_RTOL)
     assert abs(nll_paper.item() - metrics["nll_loss"]) > 1e-3  # the departure is real on this batch
+
+
+def test_orpo_step_matches_trl_batch_loss_and_metrics(orpo_trainer, tokenizer):
+    tr = orpo_trainer
+    tr.beta = 0.1
+    _, batch = _our_pair_batch(tokenizer)
+    with torch.no_grad():
+        theirs, their_metrics = tr.get_batch_loss_metrics(tr.model, next(iter(tr.get_train_dataloader())))
+        ours, our_metrics = reference_free.orpo_step(tr.model, batch, reference_free.ORPOSettings(lambda_=0.1))
+    _close(ours, theirs, BATCH_RTOL)
+    for name in ("rewards/chosen", "rewards/margins", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
+        assert our_metrics[name].item() == pytest.approx(their_metrics[name], rel=BATCH_RTOL, abs=1e-6), name
 
 
 # ---------------------------------------------------------------- KTO
