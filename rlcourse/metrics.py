@@ -65,6 +65,20 @@ GLOSSARY: dict[str, str] = {
     "advantages/mean": "Online RL: mean advantage over the step's completions (0 for group-centred advantages).",
     "advantages/std": "Online RL: standard deviation of the step's advantages.",
     "advantages/abs_max": "Online RL: largest |advantage| in the step.",
+    "nll_loss": "CPO/ORPO: the behaviour-cloning term, mean NLL of the chosen sequences' tokens (CPO: completion "
+                "tokens; ORPO, as TRL: prompt and completion tokens). TRL logs 0 when CPO's cpo_alpha is 0.",
+    "or_loss": "ORPO: mean odds-ratio loss −log σ(log odds_θ(y_w|x) − log odds_θ(y_l|x)) over the pairs (log 2 "
+               "when both completions are equally likely).",
+    "log_odds_ratio": "ORPO, TRL's name for mean log σ(log odds_θ(y_w|x) − log odds_θ(y_l|x)) = −or_loss: a "
+                      "log-sigmoid, not the log odds ratio.",
+    "log_odds_chosen": "ORPO, TRL's name for the mean log odds ratio log odds_θ(y_w|x) − log odds_θ(y_l|x) itself.",
+    "z0": "KTO: the reference point ẑ₀ = max(0, mean log π_θ(y'|x)/π_ref(y'|x)) over the batch's mismatched pairs "
+          "(TRL logs it as 'kl').",
+    "delta": "BCO: the reward shift δ, the running mean of every implicit reward β·log π_θ/π_ref seen so far.",
+    "dro_loss": "DRO: the joint objective ½ mean (r − V(x) − τ log π_θ/π_ref)² on the step's batch, before the updates.",
+    "value_loss": "DRO: the value half's loss ½ mean (r − V(x) − τ sg(log π_θ/π_ref))².",
+    "advantage": "DRO: mean of r − V(x) over the batch, with the value after its update.",
+    "logratio": "DRO: mean log π_θ(y|x)/π_ref(y|x) per completion (nats) over the batch.",
 }
 
 

@@ -31,6 +31,7 @@ from rlcourse.losses.cpo import cpo_loss, simpo_loss
 from rlcourse.losses.kto import kto_loss, kto_reference_point, mismatched_completions
 from rlcourse.losses.orpo import log_odds, odds_ratio_loss, orpo_loss
 from rlcourse.losses.sft import sft_loss
+from rlcourse.methods import kto as kto_method
 from rlcourse.methods import reference_free
 from rlcourse.models import LoraSettings, reference_policy, tiny_model
 from rlcourse.train import TrainConfig
@@ -340,3 +341,57 @@ def test_bco_pair_matches_trl_dpo_on_the_same_batch_with_no_reward_shift(bco_tra
         shifted = bco_pair_loss(policy_w, policy_l, ref_w, ref_l, beta=0.3, delta=0.5)
     _close(ours, theirs, BATCH_RTOL)
     assert abs(shifted.item() - theirs.item()) > 1e-3  # TRL 1.16's bco_pair has no reward shift: δ = 0
+
+
+# ---------------------------------------------------------------- our KTO step and data (rlcourse.methods.kto)
+
+def test_our_unpaired_tokenisation_and_kl_pairs_are_trls(kto_trainer, tokenizer):
+    data = kto_trainer.train_dataset
+    tokenized = kto_method.tokenize_dataset(_unpaired_rows(), tokenizer, MAX_LENGTH)
+    batches = kto_method.batch_fn(tokenized, 4, tokenizer.pad_token_id, MAX_LENGTH)
+    for step, trl_batch in zip((0, 1), kto_trainer.get_train_dataloader()):
+        ours = batches(step)
+        for key in ("input_ids", "attention_mask", "completion_mask", "KL_input_ids", "KL_completion_mask"):
+            assert torch.equal(ours[key], trl_batch[key]), key
+        assert torch.equal(ours["label"], trl_batch["label"].bool())
+    assert [t["completion_ids"] for t in tokenized] == data["completion_ids"]
+
+
+@pytest.mark.parametrize("batch_index", [0, 1])
+def test_kto_step_matches_trl_loss_and_reference_point(kto_trainer, tokenizer, batch_index):
+    tr = kto_trainer
+    trl_batch = list(tr.get_train_dataloader())[batch_index]
+    ours_batch = kto_method.batch_fn(kto_method.tokenize_dataset(_unpaired_rows(), tokenizer, MAX_LENGTH), 4,
+                                     tokenizer.pad_token_id, MAX_LENGTH)(batch_index)
+    settings = kto_method.KTOSettings(beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+    with torch.no_grad():
+        theirs = tr.compute_loss(tr.model, dict(trl_batch))
+        ours, metrics = kto_method.kto_step(tr.model, ours_batch, settings)
+    _close(ours, theirs, BATCH_RTOL)
+    mode = "train" if tr.model.training else "eval"
+    assert metrics["z0"].item() == pytest.approx(tr._metrics[mode]["kl"][-1], rel=BATCH_RTOL, abs=1e-7)
+
+
+def test_kto_batches_need_a_row_count_divisible_by_the_batch_size(tokenizer):
+    tokenized = kto_method.tokenize_dataset(_unpaired_rows()[:7], tokenizer, MAX_LENGTH)
+    with pytest.raises(ValueError, match="divisible"):
+        kto_method.batch_fn(tokenized, 4, tokenizer.pad_token_id, MAX_LENGTH)
+
+
+def test_bad_unpaired_row_names_the_row_and_the_fix(tokenizer):
+    rows = _unpaired_rows()
+    rows[3] = {**rows[3], "label": "yes"}
+    with pytest.raises(ValueError, match=r"row 3: 'label' must be True .* Fix"):
+        kto_method.tokenize_dataset(rows, tokenizer)
+
+
+def test_flipped_pairs_flip_both_unpaired_labels_and_keep_the_scores_with_their_completions():
+    pairs = [{**r, "score_chosen": 1.0, "score_rejected": 0.0} for r in ROWS]
+    flipped = kto_method.flip_pairs(pairs, 0.5, seed=0)
+    assert sum(r["flipped"] for r in flipped) == 2
+    for before, after in zip(pairs, flipped):
+        if after["flipped"]:
+            assert (after["chosen"], after["rejected"]) == (before["rejected"], before["chosen"])
+            assert (after["score_chosen"], after["score_rejected"]) == (0.0, 1.0)
+    rows = kto_method.unpaired_rows(flipped, seed=0)
+    assert len(rows) == 8 and all((r["score"] == 1.0) != r["flipped"] for r in rows if r["label"])
