@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rlcourse.models import reference_policy
+from rlcourse.models import base_policy
 from rlcourse.sampling import SamplingSettings, generate
 
 GREEDY = SamplingSettings(max_new_tokens=48, do_sample=False)
@@ -54,18 +54,26 @@ class GoldResult:
 
 
 def gold_eval(model, tokenizer, task, prompts, settings: SamplingSettings = GREEDY, batch_size: int = 16,
-              base: bool = False, seed: int = 0) -> GoldResult:
+              base: bool = False, seed: int = 0, samples: int = 1) -> GoldResult:
     """Generate for every row of ``prompts`` (a prompt-only dataset) and score with ``task.reward``.
 
-    base=True evaluates the base model (adapters disabled) instead of the trained policy.
+    base=True evaluates the base model (adapters disabled) instead of the trained policy. ``samples`` > 1 (with a
+    sampling ``settings``) draws that many completions per prompt; each prompt's score is then their mean, the
+    policy's expected reward on it, so intervals and paired gains stay per prompt. ``completions`` keeps each
+    prompt's first sample.
     """
+    if samples < 1 or (samples > 1 and not settings.do_sample):
+        raise ValueError(f"samples={samples}: use 1 for greedy decoding, or more with do_sample=True")
     rows = list(prompts)
     prompt_list = [r["prompt"] for r in rows]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    with reference_policy(model) if base else contextlib.nullcontext():
-        completions = generate(model, tokenizer, prompt_list, settings, batch_size=batch_size, seed=seed)
-    scores = task.reward(prompt_list, completions, **columns)
-    return GoldResult([float(s) for s in scores], completions, prompt_list)
+    with base_policy(model) if base else contextlib.nullcontext():
+        completions = generate(model, tokenizer, prompt_list, settings, num_return_sequences=samples,
+                               batch_size=batch_size, seed=seed)  # prompt by prompt: samples in a row
+    repeated = {k: [v for v in values for _ in range(samples)] for k, values in columns.items()}
+    scores = task.reward([p for p in prompt_list for _ in range(samples)], completions, **repeated)
+    per_prompt = np.asarray(scores, dtype=float).reshape(len(rows), samples).mean(axis=1)
+    return GoldResult([float(s) for s in per_prompt], completions[::samples], prompt_list)
 
 
 def improvement(before: GoldResult, after: GoldResult, seed: int = 0) -> tuple[float, tuple[float, float]]:

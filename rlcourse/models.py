@@ -200,14 +200,63 @@ def trainable_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
+REF_ADAPTER = "ref"
+"""Name of a frozen reference adapter: TRL's name for the copy it makes of a PEFT model's adapter, and ours."""
+
+
 @contextlib.contextmanager
-def reference_policy(model):
-    """The reference policy π_ref: the same network with LoRA adapters switched off (no copy)."""
+def base_policy(model):
+    """The base model: the same network with its LoRA adapters switched off (no copy)."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
     else:
         yield model
+
+
+@contextlib.contextmanager
+def reference_policy(model):
+    """The reference policy π_ref: the frozen adapter "ref" when the model has one, else the base model.
+
+    A "ref" adapter is a copy of the policy's adapter at the start of a run: TR-DPO's moving reference, an SFT
+    start that later training is regularised towards (``add_reference_adapter``), or the copy TRL's trainers add to
+    a PEFT model. A copy of fresh adapters (B = 0) *is* the base model.
+    """
+    if REF_ADAPTER not in getattr(model, "peft_config", {}):
+        with base_policy(model):
+            yield model
+        return
+    previous = model.active_adapter
+    model.set_adapter(REF_ADAPTER)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)  # set_adapter also restores requires_grad on the trained adapter
+
+
+def add_reference_adapter(model) -> None:
+    """Freeze a copy of the policy's current adapter as the reference, an adapter named "ref" (see reference_policy).
+
+    Fresh adapters have B = 0, so a copy made before training is the base model; one made after SFT is the SFT
+    policy.
+    """
+    if REF_ADAPTER in model.peft_config:
+        raise ValueError(f"the model already has an adapter named {REF_ADAPTER!r} (was it passed to a TRL trainer, "
+                         "which adds one?). Fix: remove_reference_adapter(model) first, or load a fresh model.")
+    model.add_adapter(REF_ADAPTER, model.peft_config["default"])
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if ".default." in name:
+            ref = params[name.replace(".default.", f".{REF_ADAPTER}.")]
+            ref.data = param.data.detach().clone()
+            ref.requires_grad_(False)
+
+
+def remove_reference_adapter(model) -> None:
+    """Delete the adapter "ref" (ours, or the one a TRL trainer added); "default" stays active."""
+    if REF_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REF_ADAPTER)
+        model.set_adapter("default")
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:

@@ -375,7 +375,7 @@ def grpo(tokenizer, tmp_path_factory):
 
 def _grpo_inputs(model):
     from rlcourse.logprobs import token_logprobs
-    from rlcourse.models import reference_policy
+    from rlcourse.models import base_policy
 
     g = torch.Generator().manual_seed(0)
     B, P, C = 4, 5, 7
@@ -386,7 +386,8 @@ def _grpo_inputs(model):
     completion_mask[2, 3:] = 0
     ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + C)
     attention = torch.cat([torch.ones(B, P, dtype=torch.long), completion_mask], 1)
-    with torch.no_grad(), reference_policy(model):
+    # the base model as the reference (TRL's "ref" adapter here copies the randomised policy: KL 0)
+    with torch.no_grad(), base_policy(model):
         ref = token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)[:, P - 1 :]  # (B, C)
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones(B, P, dtype=torch.long),
               "completion_ids": completion_ids, "completion_mask": completion_mask,

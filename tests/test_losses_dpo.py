@@ -235,3 +235,29 @@ def test_unattempted_exercise_is_reported_not_failed(capsys):
         raise NotImplementedError
     check_dpo_loss(stub)
     assert "not attempted" in capsys.readouterr().out
+
+
+def test_reference_is_a_frozen_copy_of_a_trained_adapter_and_the_base_stays_reachable(tokenizer):
+    # An SFT start before online RL: the copy made after training is the reference, not the base model.
+    from rlcourse.logprobs import forward_logprobs
+    from rlcourse.models import add_reference_adapter, base_policy, reference_policy
+
+    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    batch = dpo.collate_pairs(dpo.tokenize_dataset(ROWS, tokenizer), tokenizer.pad_token_id, 64)
+    with torch.no_grad():
+        policy = forward_logprobs(model, batch)["logps"]
+        with base_policy(model):
+            base = forward_logprobs(model, batch)["logps"]
+        add_reference_adapter(model)
+        with reference_policy(model):
+            ref = forward_logprobs(model, batch)["logps"]
+        with base_policy(model):
+            base_after = forward_logprobs(model, batch)["logps"]
+    torch.testing.assert_close(ref, policy)  # the copy is the trained policy ...
+    assert not torch.allclose(ref, base)  # ... which differs from the base model
+    torch.testing.assert_close(base_after, base)  # and the base is still the adapters switched off
+    assert model.active_adapter == "default"

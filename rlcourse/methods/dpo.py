@@ -22,7 +22,6 @@ The losses live in ``rlcourse.losses.dpo``; this module turns preference rows in
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -31,11 +30,10 @@ import torch
 
 from rlcourse.logprobs import shift_mask, token_entropy, token_logprobs
 from rlcourse.losses.dpo import DPO_LOSSES, dpo_loss, implicit_reward, ipo_loss
+from rlcourse.models import REF_ADAPTER, add_reference_adapter, reference_policy, remove_reference_adapter  # noqa: F401
 from rlcourse.train import batch_indices
 from trl.trainer.utils import pad
 
-REF_ADAPTER = "ref"
-"""Name of the TR-DPO reference adapter (the name TRL gives its own copy of a PEFT model's adapter)."""
 
 LOSS_TYPES = tuple(DPO_LOSSES) + ("ipo",)
 """Every ``loss_type`` our step accepts."""
@@ -165,30 +163,6 @@ def batch_fn(tokenized: list[dict], batch_size: int, pad_token_id: int, max_leng
 # ── the reference policy ─────────────────────────────────────────────────────────────────────────────────────
 
 
-def add_reference_adapter(model) -> None:
-    """TR-DPO: add a frozen LoRA adapter "ref", a copy of the policy's current (initial) adapter.
-
-    Fresh LoRA adapters have B = 0, so the copy starts equal to the base model: the usual π_ref.
-    """
-    if REF_ADAPTER in model.peft_config:
-        raise ValueError(f"the model already has an adapter named {REF_ADAPTER!r} (was it passed to a TRL trainer, "
-                         "which adds one?). Fix: load a fresh model for the TR-DPO run.")
-    model.add_adapter(REF_ADAPTER, model.peft_config["default"])
-    params = dict(model.named_parameters())
-    for name, param in params.items():
-        if ".default." in name:
-            ref = params[name.replace(".default.", f".{REF_ADAPTER}.")]
-            ref.data.copy_(param.data)
-            ref.requires_grad_(False)
-
-
-def remove_reference_adapter(model) -> None:
-    """Delete the adapter "ref" (ours, or the one TRL's DPOTrainer adds to a PEFT model); "default" stays active."""
-    if REF_ADAPTER in model.peft_config:
-        model.delete_adapter(REF_ADAPTER)
-        model.set_adapter("default")
-
-
 @torch.no_grad()
 def sync_reference(model, alpha: float) -> None:
     """TR-DPO's soft update of the reference adapter: ref ← α·θ + (1−α)·ref, tensor by tensor (the rule of TRL's
@@ -200,21 +174,8 @@ def sync_reference(model, alpha: float) -> None:
             ref.mul_(1.0 - alpha).add_(param.to(ref.dtype), alpha=alpha)
 
 
-@contextlib.contextmanager
-def reference(model):
-    """π_ref: the TR-DPO adapter "ref" if the model has one, else the same network with its adapters disabled."""
-    if REF_ADAPTER not in getattr(model, "peft_config", {}):
-        from rlcourse.models import reference_policy
-
-        with reference_policy(model):
-            yield model
-        return
-    previous = model.active_adapter
-    model.set_adapter(REF_ADAPTER)
-    try:
-        yield model
-    finally:
-        model.set_adapter(previous)  # set_adapter also restores requires_grad on the trained adapter
+reference = reference_policy
+"""π_ref: the TR-DPO adapter "ref" if the model has one, else the same network with its adapters disabled."""
 
 
 # ── one step ─────────────────────────────────────────────────────────────────────────────────────────────────

@@ -42,3 +42,21 @@ def sft_step(model, batch: dict, dft: bool = False) -> tuple[torch.Tensor, dict]
 
 def step_fn(dft: bool = False):
     return partial(sft_step, dft=dft)
+
+
+def warm_start(model, tokenizer, task, steps: int, batch_size: int, learning_rate: float, out_dir,
+               max_length: int = 64, seed: int = 0):
+    """SFT on the task's demonstrations before online RL (DeepSeek-R1's "cold start"); returns the run's log.
+
+    Online RL learns only from completions that differ in reward. On the arithmetic task the base model restates
+    the question and rarely ends on the right number, so most groups of samples score all 0 and carry no gradient;
+    a few SFT steps teach the answer format, after which a group's samples do differ. The run lives in ``out_dir``
+    and is resumed or reused from there (a finished run is loaded, not trained again).
+    """
+    from rlcourse.train import TrainConfig, train
+
+    rows = task.sft("train").shuffle(seed=seed)
+    batches = batch_fn(tokenize_dataset(rows, tokenizer), batch_size, tokenizer.pad_token_id, max_length)
+    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                         checkpoint_every=max(steps, 1))
+    return train(model, batches, step_fn(), config, out_dir, resume=True, progress=False)
