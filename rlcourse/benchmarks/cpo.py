@@ -1,0 +1,37 @@
+"""Benchmark rows for CPO: our loop vs TRL's CPOTrainer on the same preference pairs (see rlcourse.bench).
+
+No reference forward on either side: compare with the DPO rows to see what the reference costs per step.
+"""
+
+from __future__ import annotations
+
+from rlcourse.bench import StepTimer
+from rlcourse.benchmarks.dpo import MAX_LENGTH, _setup
+
+
+def ours(batch_size: int, steps: int, out) -> list[float]:
+    from rlcourse.methods import reference_free as rf
+    from rlcourse.train import TrainConfig, train
+
+    tok, rows, model = _setup(batch_size, steps)
+    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4, checkpoint_every=10**9)
+    batches = rf.batch_fn(rf.tokenize_dataset(rows, tok, MAX_LENGTH), batch_size, tok.pad_token_id, MAX_LENGTH)
+    return train(model, batches, rf.cpo_step_fn(), config, out, resume=False, progress=False)["step_time"]
+
+
+def trl(batch_size: int, steps: int, out) -> list[float]:
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from rlcourse.methods import reference_free as rf
+    from rlcourse.train import TrainConfig
+    from rlcourse.trl_runs import trl_config
+
+    tok, rows, model = _setup(batch_size, steps)
+    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4)
+    args = trl_config(CPOConfig, config, out, disable_tqdm=True, **rf.trl_cpo_kwargs(rf.CPOSettings(), MAX_LENGTH))
+    timer = StepTimer()
+    CPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]).train()
+    return timer.times
+
+
+BENCH = {"ours": ours, "TRL": trl}
