@@ -107,16 +107,17 @@ def _check_row(row, i: int) -> None:
                          "Fix: drop the row.")
 
 
-def tokenize_dataset(dataset, tokenizer, max_length: int | None = None) -> list[dict]:
-    """Each preference row tokenised by ``tokenize_pair``, in order.
+def tokenize_dataset(dataset, tokenizer, max_length: int | None = None, tokenize=None) -> list[dict]:
+    """Each preference row tokenised by ``tokenize`` (default ``tokenize_pair``; CPO and ORPO pass theirs), in order.
 
     Rows whose prompt alone fills ``max_length`` are dropped with a warning, as TRL drops them (truncation would
     leave no completion token to learn from). Bad rows raise a ValueError naming the row and the fix.
     """
+    tokenize = tokenize or tokenize_pair
     out, dropped = [], []
     for i, row in enumerate(dataset):
         _check_row(row, i)
-        tokens = tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"])
+        tokens = tokenize(tokenizer, row["prompt"], row["chosen"], row["rejected"])
         if max_length is not None and len(tokens["prompt_ids"]) >= max_length:
             dropped.append(i)
             continue

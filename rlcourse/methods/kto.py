@@ -34,10 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlcourse.logprobs import collate, forward_logprobs, masked_sum, token_entropy
+from rlcourse.logprobs import collate, forward_logprobs, masked_sum
 from rlcourse.losses.bco import RewardShift, bco_loss
 from rlcourse.losses.dro import dro_loss, dro_policy_loss, dro_value_loss
 from rlcourse.losses.kto import kto_loss, kto_reference_point, mismatched_completions
+from rlcourse.methods.dpo import _common_prefix
 from rlcourse.models import reference_policy
 from rlcourse.train import batch_indices
 
@@ -110,13 +111,6 @@ def _check_row(row, i: int) -> None:
                          f"{row['label']!r}. Fix: convert it with bool().")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def tokenize_dataset(rows, tokenizer, max_length: int | None = None) -> list[dict]:
     """``prompt_ids``, ``completion_ids``, ``label`` (and ``score`` when present) of each row, as KTOTrainer builds them.
 
@@ -131,7 +125,7 @@ def tokenize_dataset(rows, tokenizer, max_length: int | None = None) -> list[dic
         _check_row(row, i)
         prompt_ids = ids(row["prompt"], add_generation_prompt=True)
         full = ids(row["prompt"] + row["completion"])
-        start = _common_prefix(prompt_ids, full)
+        start = _common_prefix(prompt_ids, full)  # where the completion starts, as in DPO's tokenisation
         if max_length is not None and start >= max_length:
             dropped.append(i)
             continue

@@ -19,7 +19,6 @@ and ``trl.experimental.orpo.ORPOTrainer`` do:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -84,24 +83,9 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected) -> dict[str, list[int]]:
 
 
 def tokenize_dataset(dataset, tokenizer, max_length: int | None = None) -> list[dict]:
-    """Each preference row tokenised by ``tokenize_pair``, in order; bad rows raise a ValueError naming the row.
-
-    Rows whose prompt alone fills ``max_length`` are dropped with a warning (no completion token would be left).
-    """
-    out, dropped = [], []
-    for i, row in enumerate(dataset):
-        dpo._check_row(row, i)
-        tokens = tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"])
-        if max_length is not None and len(tokens["prompt_ids"]) >= max_length:
-            dropped.append(i)
-            continue
-        out.append(tokens)
-    if dropped:
-        warnings.warn(f"dropped {len(dropped)} preference rows whose prompt fills max_length={max_length} "
-                      f"(rows {dropped[:5]}{'...' if len(dropped) > 5 else ''}); raise max_length to keep them")
-    if not out:
-        raise ValueError("no preference rows left to train on")
-    return out
+    """Each preference row tokenised by ``tokenize_pair``, in order: DPO's row checks and truncation rule
+    (``rlcourse.methods.dpo.tokenize_dataset``) with this module's tokeniser."""
+    return dpo.tokenize_dataset(dataset, tokenizer, max_length, tokenize=tokenize_pair)
 
 
 batch_fn = dpo.batch_fn
