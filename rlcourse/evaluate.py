@@ -143,3 +143,43 @@ def win_rate(before: GoldResult, after: GoldResult, seed: int = 0) -> tuple[floa
     a, b = np.asarray(after.scores), np.asarray(before.scores)
     outcome = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
     return float(outcome.mean()), bootstrap_ci(outcome, seed=seed)
+
+
+def gain_over_runs(before: GoldResult, runs: list[GoldResult], n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """The paired gain over ``before`` of several training runs that differ only in their seeds, averaged.
+
+    The interval is a two-level bootstrap: resample the runs, then the prompts within each run. It holds both the
+    run-to-run noise of training (sampling, data order) and the choice of held-out prompts, so a lower end above 0
+    is a gain beyond run-to-run noise. With a handful of runs, it is an estimate of that noise, not a bound.
+    """
+    if not runs:
+        raise ValueError("gain_over_runs needs at least one run. Fix: pass the GoldResult of each seed's run.")
+    n = len(before.scores)
+    for i, run in enumerate(runs):
+        if len(run.scores) != n:
+            raise ValueError(f"run {i} has {len(run.scores)} gold scores, the baseline {n}. Fix: evaluate every "
+                             "run on the same prompt rows as the baseline.")
+    diffs = np.stack([np.asarray(r.scores, dtype=float) for r in runs]) - np.asarray(before.scores, dtype=float)
+    rng = np.random.default_rng(seed)
+    n_runs = len(runs)
+    pick_runs = rng.integers(0, n_runs, size=(n_boot, n_runs, 1))
+    pick_prompts = rng.integers(0, n, size=(n_boot, n_runs, n))
+    means = diffs[pick_runs, pick_prompts].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    gains = diffs.mean(axis=1)
+    return {"gains": [float(g) for g in gains], "mean": float(gains.mean()),
+            "sd": float(gains.std(ddof=1)) if n_runs > 1 else 0.0, "ci": (float(lo), float(hi)), "runs": n_runs}
+
+
+def report_runs(before: GoldResult, runs: dict[str, list[GoldResult]], baseline: str = "base") -> dict:
+    """Print, for each name, the gain of every seed's run and their mean with ``gain_over_runs``' interval."""
+    out = {}
+    for name, results in runs.items():
+        s = gain_over_runs(before, results)
+        lo, hi = s["ci"]
+        verdict = ("beyond run-to-run noise" if lo > 0 else "below" if hi < 0 else "not beyond run-to-run noise")
+        print(f"{name:>8}: gain per run {', '.join(f'{g:+.3f}' for g in s['gains'])} | mean {s['mean']:+.3f} "
+              f"± {s['sd']:.3f} (sd over {s['runs']} runs) [{lo:+.3f}, {hi:+.3f}] over {baseline}: {verdict}")
+        out[name] = s
+    return out

@@ -56,6 +56,28 @@ def gold_bars(results: dict[str, "GoldResult"], title: str = "gold metric on hel
     return fig
 
 
+def gains_by_run(summaries: dict[str, dict], baseline: str, title: str = "", path: str | Path | None = None):
+    """Each run's gold gain over ``baseline`` (one dot per seed) beside their mean and its interval, one column per
+    method: the picture of run-to-run noise. ``summaries``: name -> ``evaluate.gain_over_runs``' dict."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(summaries), 3.4))
+    for x, (name, s) in enumerate(summaries.items()):
+        ax.scatter([x - 0.12] * len(s["gains"]), s["gains"], color="#4c72b0", zorder=3,
+                   label="one seed's run" if x == 0 else None)
+        lo, hi = s["ci"]
+        ax.errorbar([x + 0.12], [s["mean"]], yerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color="black",
+                    capsize=6, label="mean, 95% interval over runs and prompts" if x == 0 else None)
+    ax.axhline(0, color="#999999", lw=1)
+    ax.set_xticks(range(len(summaries)), list(summaries))
+    ax.set_ylabel(f"gold gain over {baseline}")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
 def describe(metric: str) -> str:
     """The glossary's definition of a logged metric."""
     return GLOSSARY.get(metric, "(not in the glossary)")

@@ -1,5 +1,6 @@
 """Gold evaluation: greedy answers, or the mean of several samples per prompt (the policy's expected reward)."""
 
+import numpy as np
 import pytest
 
 from rlcourse import evaluate
@@ -32,3 +33,32 @@ def test_greedy_gold_refuses_several_samples(tokenizer):
     with pytest.raises(ValueError, match="samples=3"):
         evaluate.gold_eval(tiny_model(tokenizer), tokenizer, CountTask(), PROMPTS,
                            SamplingSettings(do_sample=False), samples=3)
+
+
+def _gold(scores):
+    return evaluate.GoldResult(scores=list(scores), completions=[""] * len(scores), prompts=[""] * len(scores))
+
+
+def test_gain_over_runs_is_the_mean_of_each_runs_paired_gain():
+    before = _gold([0, 0, 1, 1])
+    runs = [_gold([1, 0, 1, 1]), _gold([1, 1, 1, 1]), _gold([0, 0, 1, 0])]
+    s = evaluate.gain_over_runs(before, runs)
+    assert s["gains"] == [0.25, 0.5, -0.25]
+    assert s["mean"] == pytest.approx(1 / 6)
+    assert s["sd"] == pytest.approx(np.std([0.25, 0.5, -0.25], ddof=1))
+    assert s["ci"][0] < 0 < s["ci"][1]  # one run lost ground: not beyond run-to-run noise
+
+
+def test_gain_over_runs_interval_widens_when_runs_disagree():
+    rng = np.random.default_rng(0)
+    before = _gold(np.zeros(100))
+    agree = [_gold(rng.random(100) < 0.3) for _ in range(3)]
+    disagree = [_gold(rng.random(100) < p) for p in (0.05, 0.3, 0.55)]
+    width = lambda s: s["ci"][1] - s["ci"][0]
+    assert width(evaluate.gain_over_runs(before, disagree)) > 2 * width(evaluate.gain_over_runs(before, agree))
+    assert evaluate.gain_over_runs(before, agree)["ci"][0] > 0
+
+
+def test_gain_over_runs_names_the_run_with_other_prompts():
+    with pytest.raises(ValueError, match="run 1 has 2 gold scores"):
+        evaluate.gain_over_runs(_gold([0, 1, 1]), [_gold([1, 1, 1]), _gold([1, 1])])

@@ -267,3 +267,53 @@ def trl_metrics(log):
         if "kl" in row:
             row["kl_token"] = row.pop("kl")
     return log
+
+
+def rerun_with_seeds(policy, tokenizer, task, config: OnlineConfig, train_config, start_adapters: dict, seeds,
+                     trainer_cls, out_dir, gold_fn) -> dict[str, list]:
+    """Train our loop and TRL's ``trainer_cls`` again from ``start_adapters``, once per seed in ``seeds``.
+
+    A seed changes only the order of the training prompts (the task's train split shuffled with it), the
+    rollouts' sampling and TRL's own seed: what separates two runs of the same recipe, so the spread of their
+    gold gains is the run-to-run noise a claimed gain must beat (``evaluate.gain_over_runs``). Probes are left
+    out to save time. ``gold_fn()`` evaluates the policy as it stands. Our runs see the "ref" adapter rebuilt
+    from ``start_adapters`` when the policy had one; TRL's trainer is given the policy without it and makes its
+    own, as in the notebooks' main runs. Logs go to ``out_dir/ours-<seed>`` and ``out_dir/trl-<seed>``.
+    Returns {"ours": [(seed, log, gold), ...], "TRL": [...]}.
+    """
+    from dataclasses import replace
+    from pathlib import Path
+
+    from rlcourse.models import REF_ADAPTER, add_reference_adapter, remove_reference_adapter, restore_lora
+    from rlcourse.train import train
+    from rlcourse.trl_runs import run_trl
+
+    out_dir = Path(out_dir)
+    with_ref = REF_ADAPTER in policy.peft_config
+    runs = {"ours": [], "TRL": []}
+    for seed in seeds:
+        rows = task.prompts("train").shuffle(seed=seed)
+        tc = replace(train_config, seed=seed)
+
+        remove_reference_adapter(policy)
+        restore_lora(policy, start_adapters)
+        if with_ref:
+            add_reference_adapter(policy)
+        log = train(policy, Rollouts(policy, tokenizer, rows, task.reward, config, seed=seed), step_fn(config), tc,
+                    out_dir / f"ours-{seed}", resume=False, progress=False)
+        runs["ours"].append((seed, log, gold_fn()))
+
+        remove_reference_adapter(policy)
+        restore_lora(policy, start_adapters)
+        trainer = trainer_cls(model=policy, reward_funcs=task.reward, train_dataset=rows, processing_class=tokenizer,
+                              args=trl_online_config(config, tc, out_dir / f"trl-{seed}"))
+        log = trl_metrics(run_trl(trainer))
+        log.save(out_dir / f"trl-{seed}")
+        runs["TRL"].append((seed, log, gold_fn()))
+        del trainer
+
+    remove_reference_adapter(policy)  # leave the policy as it came: the start adapters, and its own "ref"
+    restore_lora(policy, start_adapters)
+    if with_ref:
+        add_reference_adapter(policy)
+    return runs
