@@ -91,18 +91,23 @@ def save_adapter(model, folder: Path) -> None:
     _replace_dir(tmp, folder)
 
 
-def _save_checkpoint(out_dir: Path, model, optimizer, log: MetricsLog, step: int, config: TrainConfig) -> None:
+def _save_checkpoint(out_dir: Path, model, optimizer, log: MetricsLog, step: int, config: TrainConfig,
+                     step_fn=None) -> None:
     tmp = out_dir / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+    model.save_pretrained(tmp / "adapter")  # every adapter: "default" at the top, others (e.g. "ref") in subfolders
+    state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+    if hasattr(step_fn, "state_dict"):  # a step with state of its own (BCO's δ, DRO's values)
+        state["step_fn"] = step_fn.state_dict()
+    torch.save(state, tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps({"step": step, "config": asdict(config)}))
     _replace_dir(tmp, out_dir / "checkpoint")
     log.save(out_dir)  # metrics also live beside the checkpoint, readable while the run goes on
 
 
-def _load_checkpoint(out_dir: Path, model, optimizer, config: TrainConfig) -> tuple[int, MetricsLog] | None:
+def _load_checkpoint(out_dir: Path, model, optimizer, config: TrainConfig,
+                     step_fn=None) -> tuple[int, MetricsLog] | None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -123,8 +128,17 @@ def _load_checkpoint(out_dir: Path, model, optimizer, config: TrainConfig) -> tu
         raise ValueError(f"{out_dir} holds a run of {progress['step']} steps, more than the {config.steps} asked; "
                          f"pass another out_dir or resume=False.")
     set_peft_model_state_dict(model, load_file(folder / "adapter" / "adapter_model.safetensors"))
+    for name in getattr(model, "peft_config", {}):  # e.g. a TR-DPO reference that moved during training
+        other = folder / "adapter" / name / "adapter_model.safetensors"
+        if name != "default" and other.exists():
+            set_peft_model_state_dict(model, load_file(other), adapter_name=name)
     state = torch.load(folder / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
+    if "step_fn" in state:
+        if not hasattr(step_fn, "load_state_dict"):
+            raise ValueError(f"{out_dir} holds a checkpoint whose step function had state, and this one cannot take "
+                             "it back. Fix: resume with the same step function, or resume=False to start over.")
+        step_fn.load_state_dict(state["step_fn"])
     _set_rng_state(state["rng"])
     log = MetricsLog([r for r in json.loads((out_dir / "metrics.json").read_text()) if r["step"] <= progress["step"]])
     return progress["step"], log
@@ -143,7 +157,9 @@ def train(
 ) -> MetricsLog:
     """Train ``model``'s trainable parameters; return the per-step metrics (also saved under ``out_dir``).
 
-    batches(step) -> the collated batch of that step. step_fn(model, batch) -> (loss, metrics dict).
+    batches(step) -> the collated batch of that step. step_fn(model, batch) -> (loss, metrics dict); a step_fn
+    with state of its own exposes ``state_dict()`` / ``load_state_dict()``, which checkpoints save and restore.
+    Checkpoints hold every adapter of the model, so a reference adapter that training moves resumes too.
     With ``resume`` an unfinished run in ``out_dir`` continues from its last checkpoint, and a finished one
     is returned as is; ``resume=False`` moves an existing run aside (``out_dir.bak-<time>``), never deletes it.
     The final adapter is saved to ``out_dir/adapter``. ``probe(model) -> dict`` (e.g. gold reward and KL,
@@ -163,7 +179,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
     start, log = 0, MetricsLog()
-    restored = _load_checkpoint(out_dir, model, optimizer, config) if resume else None
+    restored = _load_checkpoint(out_dir, model, optimizer, config, step_fn) if resume else None
     if restored is not None:
         start, log = restored
         if start:
@@ -190,7 +206,7 @@ def train(
         if probe is not None and step + 1 in probe_at:
             log.merge([{"step": step + 1, **probe(model)}])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save_checkpoint(out_dir, model, optimizer, log, step + 1, config)
+            _save_checkpoint(out_dir, model, optimizer, log, step + 1, config, step_fn)
     if start < config.steps or not (out_dir / "adapter").exists():
         save_adapter(model, out_dir / "adapter")
     log.save(out_dir)

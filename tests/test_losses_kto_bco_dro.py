@@ -238,3 +238,24 @@ def test_checkers_accept_the_reference_and_reject_wrong_answers(capsys):
         check_dro_policy_loss(lambda p, r, rw, v, tau: -(p * (rw - v) - tau * (p - r) ** 2).mean())
 
 
+
+
+# ---------------------------------------------------------------- resumable state of the step functions
+
+def test_bco_and_dro_step_state_round_trips_through_a_checkpoint(tmp_path):
+    from rlcourse.methods.kto import bco_step_fn, dro_step_fn
+
+    bco = bco_step_fn()
+    bco.shift.update(torch.tensor([1.0, 2.0, 6.0]))
+    torch.save(bco.state_dict(), tmp_path / "bco.pt")
+    back = bco_step_fn()
+    back.load_state_dict(torch.load(tmp_path / "bco.pt"))
+    assert (back.shift.mean, back.shift.count) == (3.0, 3)
+
+    dro = dro_step_fn(n_prompts=4)
+    with torch.no_grad():
+        dro.values.values.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    torch.save(dro.state_dict(), tmp_path / "dro.pt")
+    back = dro_step_fn(n_prompts=4)
+    back.load_state_dict(torch.load(tmp_path / "dro.pt"))
+    assert torch.equal(back.values.values, dro.values.values)

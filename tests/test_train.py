@@ -93,3 +93,64 @@ def test_probe_results_are_merged_at_their_steps(tokenizer, tmp_path):
     _, log = _run(tokenizer, tmp_path / "p", probe=probe, probe_at={0, 2, 5})
     assert [r["step"] for r in log.rows if "gold" in r] == [0, 2, 5]
     assert log.at(0) == {"step": 0, "gold": 1.0}
+
+
+def test_resume_restores_a_moving_reference_adapter_and_the_step_functions_state(tokenizer, tmp_path):
+    """TR-DPO's reference adapter moves during training and BCO's δ or DRO's values live in the step function:
+    an interrupted run must come back with both, not with a fresh reference or a zeroed state."""
+    from rlcourse.methods.dpo import sync_reference
+    from rlcourse.models import REF_ADAPTER, add_reference_adapter
+
+    def stateful_step(crash_at=None):
+        state = {"calls": 0, "seen": 0.0}
+
+        def step(model, batch):
+            state["calls"] += 1
+            if state["calls"] == crash_at:
+                raise KeyboardInterrupt
+            sync_reference(model, 0.5)  # the reference follows the policy, as TR-DPO's does
+            loss, metrics = sft.sft_step(model, batch)
+            state["seen"] += loss.item()
+            return loss, metrics
+
+        step.state_dict = lambda: {"seen": state["seen"]}
+        step.load_state_dict = lambda saved: state.update(saved)
+        step.state = state
+        return step
+
+    def run(out_dir, step_fn):
+        rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+                for q, a in QA]
+        model = tiny_model(tokenizer, seed=0, lora=LoraSettings(r=4, alpha=8))
+        add_reference_adapter(model)
+        batches = sft.batch_fn(sft.tokenize_dataset(rows, tokenizer), 2, tokenizer.pad_token_id, 64)
+        train(model, batches, step_fn, CONFIG, out_dir, progress=False)
+        return model
+
+    full_step = stateful_step()
+    full = run(tmp_path / "full", full_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", stateful_step(crash_at=4))
+    resumed_step = stateful_step()
+    resumed = run(tmp_path / "run", resumed_step)
+
+    assert resumed_step.state["seen"] == pytest.approx(full_step.state["seen"], rel=1e-6)
+    ref = {n: p for n, p in full.named_parameters() if f".{REF_ADAPTER}." in n}
+    assert ref
+    for n, p in resumed.named_parameters():
+        if n in ref:
+            assert torch.equal(p, ref[n]), n
+
+
+def test_a_checkpoint_with_step_state_refuses_a_step_function_without_it(tokenizer, tmp_path):
+    def crash_after_state(model, batch, calls={"n": 0}):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return sft.sft_step(model, batch)
+
+    crash_after_state.state_dict = lambda: {"x": 1}
+    with pytest.raises(KeyboardInterrupt):
+        _run(tokenizer, tmp_path / "run", step_fn=crash_after_state)
+    with pytest.raises(ValueError, match="step function had state"):
+        _run(tokenizer, tmp_path / "run", step_fn=sft.step_fn())

@@ -22,8 +22,8 @@ rows into batches and a batch into (loss, metrics) for ``rlcourse.train.train``:
   rewards (``rlcourse.losses.bco.RewardShift``), no KL sequences needed; DRO regresses the gold score with a learned
   per-prompt value V(x) (``PromptValues``, updated by its own optimizer inside the step: DRO-V's value half).
 
-Neither BCO nor DRO has a TRL 1.16 trainer. Their step functions hold state (δ; the value table) that checkpoints
-do not save: a resumed BCO or DRO run restarts δ at 0 and the values at 0 (the adapter and the metrics are kept).
+Neither BCO nor DRO has a TRL 1.16 trainer. Their step functions hold state (δ; the value table and its
+optimizer) and expose it as ``state_dict`` / ``load_state_dict``, so ``rlcourse.train`` checkpoints resume it.
 """
 
 from __future__ import annotations
@@ -250,6 +250,8 @@ def bco_step_fn(beta: float = 0.1):
         return loss, metrics
 
     step.shift = shift
+    step.state_dict = lambda: {"mean": shift.mean, "count": shift.count}
+    step.load_state_dict = lambda state: vars(shift).update(state)
     return step
 
 
@@ -299,4 +301,11 @@ def dro_step_fn(n_prompts: int, tau: float = 1.0, value_lr: float = 0.1):
         return loss, metrics
 
     step.values = values
+    step.state_dict = lambda: {"values": values.state_dict(), "optimizer": optimizer.state_dict()}
+
+    def load_state_dict(state: dict) -> None:
+        values.load_state_dict(state["values"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    step.load_state_dict = load_state_dict
     return step
