@@ -393,8 +393,9 @@ def sample_token_kl(model, tokenizer, prompts: list, num_samples: int, max_new_t
             enc = tokenizer(prompt_text(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
             ids = enc["input_ids"].to(model.device)  # (1, P)
             n_prompt = ids.shape[1]
+            # top_k=0, explicit: the estimators are unbiased only for samples from π (unset, generate() cuts at 50)
             seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                  temperature=1.0, top_k=None, top_p=1.0, max_new_tokens=max_new_tokens,
+                                  temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                                   num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id)
             completion = seqs[:, n_prompt:]  # (S, L') with L' ≤ L
             is_eos = (completion == eos).long()

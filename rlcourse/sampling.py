@@ -56,7 +56,9 @@ def generate(
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     texts = [prompt_text(tokenizer, p) for p in prompts]
     out: list[str] = []
-    sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=None) if settings.do_sample else {}
+    # top_k=0: no top-k cut, said explicitly. Left unset, generate() fills in its default of 50 and the samples no
+    # longer come from the policy's distribution (which the sampled gold and the probes' KL assume); TRL uses 0 too.
+    sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0) if settings.do_sample else {}
     try:
         batches = range(0, len(texts), batch_size)
         for start in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2, leave=False):

@@ -62,3 +62,17 @@ def test_gain_over_runs_interval_widens_when_runs_disagree():
 def test_gain_over_runs_names_the_run_with_other_prompts():
     with pytest.raises(ValueError, match="run 1 has 2 gold scores"):
         evaluate.gain_over_runs(_gold([0, 1, 1]), [_gold([1, 1, 1]), _gold([1, 1])])
+
+
+def test_sampling_has_no_top_k_cut(tokenizer):
+    """Sampled gold and the probes' KL assume samples from the policy itself. generate() fills an unset top_k with
+    50; a near-uniform tiny model shows the difference: 300 one-token samples hit far more than 50 tokens."""
+    from rlcourse.sampling import generate_ids
+
+    model = tiny_model(tokenizer, seed=0)
+    prompt = [[{"role": "user", "content": "Say something."}]]
+    settings = SamplingSettings(max_new_tokens=1, do_sample=True, temperature=1.0)
+    texts = evaluate.generate(model, tokenizer, prompt, settings, num_return_sequences=300, batch_size=1)
+    assert len(set(texts)) > 100
+    _, ids = generate_ids(model, tokenizer, prompt, settings, num_return_sequences=300)
+    assert len({c[0] for c in ids}) > 100

@@ -455,3 +455,14 @@ def test_exercise_checkers_accept_the_reference_and_reject_wrong_answers(capsys)
 
     check_kl_k3(stub)
     assert "not attempted" in capsys.readouterr().out
+
+
+def test_sampled_kl_draws_from_the_whole_distribution(tokenizer):
+    """k1/k3 are unbiased only for samples from π itself: no top-k cut (generate()'s default would be 50)."""
+    from rlcourse.kl import sample_token_kl
+    from rlcourse.models import LoraSettings, tiny_model
+
+    model = tiny_model(tokenizer, seed=0, lora=LoraSettings(r=4, alpha=8))
+    out = sample_token_kl(model, tokenizer, [[{"role": "user", "content": "Say something."}]], num_samples=300,
+                          max_new_tokens=1, batch_size=100)
+    assert len(set(out["completion_ids"][:, 0].tolist())) > 100
