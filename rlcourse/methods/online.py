@@ -290,21 +290,24 @@ def rerun_with_seeds(policy, tokenizer, task, config: OnlineConfig, train_config
 
     out_dir = Path(out_dir)
     with_ref = REF_ADAPTER in policy.peft_config
+
+    def back_to_start(ref: bool) -> None:
+        remove_reference_adapter(policy)
+        restore_lora(policy, start_adapters)
+        if ref:  # a frozen copy of the start adapters, as before the main runs
+            add_reference_adapter(policy)
+
     runs = {"ours": [], "TRL": []}
     for seed in seeds:
         rows = task.prompts("train").shuffle(seed=seed)
         tc = replace(train_config, seed=seed)
 
-        remove_reference_adapter(policy)
-        restore_lora(policy, start_adapters)
-        if with_ref:
-            add_reference_adapter(policy)
+        back_to_start(with_ref)
         log = train(policy, Rollouts(policy, tokenizer, rows, task.reward, config, seed=seed), step_fn(config), tc,
                     out_dir / f"ours-{seed}", resume=False, progress=False)
         runs["ours"].append((seed, log, gold_fn()))
 
-        remove_reference_adapter(policy)
-        restore_lora(policy, start_adapters)
+        back_to_start(False)  # TRL adds its own "ref" when it needs one
         trainer = trainer_cls(model=policy, reward_funcs=task.reward, train_dataset=rows, processing_class=tokenizer,
                               args=trl_online_config(config, tc, out_dir / f"trl-{seed}"))
         log = trl_metrics(run_trl(trainer))
@@ -312,8 +315,5 @@ def rerun_with_seeds(policy, tokenizer, task, config: OnlineConfig, train_config
         runs["TRL"].append((seed, log, gold_fn()))
         del trainer
 
-    remove_reference_adapter(policy)  # leave the policy as it came: the start adapters, and its own "ref"
-    restore_lora(policy, start_adapters)
-    if with_ref:
-        add_reference_adapter(policy)
+    back_to_start(with_ref)  # leave the policy as it came
     return runs
