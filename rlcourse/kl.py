@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlcourse.logprobs import collate, tokenize_prompt_completion
+from rlcourse.logprobs import collate, to_model_device, tokenize_prompt_completion
 from rlcourse.models import reference_policy
 
 # --------------------------------------------------------------------------------------------------
@@ -484,7 +484,7 @@ def sequence_kl(model, tokenizer, prompts: list, completions: list[str], batch_s
             tokenize_prompt_completion(tokenizer, p, [{"role": "assistant", "content": c}] if isinstance(p, list) else c)
             for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size])
         ]
-        batch = collate(rows, tokenizer.pad_token_id)
+        batch = to_model_device(model, collate(rows, tokenizer.pad_token_id))
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         logp = F.log_softmax(model(**inputs).logits[:, :-1].float(), -1)  # (B, T-1, V)
         with reference_policy(model):

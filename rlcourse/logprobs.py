@@ -11,6 +11,16 @@ import torch.nn.functional as F
 from trl.trainer.utils import pad
 
 
+def to_model_device(model, batch: dict) -> dict:
+    """A copy of ``batch`` with its tensors on the model's device (lists such as decoded texts are kept).
+
+    Batches are built on the CPU (collation, the rollouts' padding); step functions and the log-prob helpers
+    move them first, so the same code trains on a GPU. On the CPU it is a no-op.
+    """
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log π(y_{t+1} | y_≤t) for each position.
 
@@ -53,6 +63,7 @@ def forward_logprobs(model, batch: dict, with_stats: bool = False) -> dict[str, 
     Returns ``logps`` (B, T-1), ``mask`` (B, T-1) and, with ``with_stats``, ``entropy`` (B, T-1) and
     ``is_top1`` (B, T-1): whether the target token was the policy's most likely one.
     """
+    batch = to_model_device(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     out = {
         "logps": token_logprobs(logits, batch["input_ids"]),

@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from rlcourse.logprobs import collate, forward_logprobs, tokenize_prompt_completion
+from rlcourse.logprobs import collate, forward_logprobs, to_model_device, tokenize_prompt_completion
 
 NF4_OFFSET = 0.9677083
 """Largest probability bitsandbytes feeds to Φ⁻¹ for NF4; = 1 - (1/32 + 1/30) / 2."""
@@ -405,12 +405,13 @@ def logits_difference(model_a, model_b, batch: dict) -> dict[str, float]:
     KL(π_a‖π_b) = Σ_v π_a(v) (log π_a(v) - log π_b(v)) in nats, and ``top1_agreement``, the fraction
     of positions whose most likely next token is the same.
     """
-    mask = batch["attention_mask"].bool()  # (B, T)
     logits = []
-    for model in (model_a, model_b):
+    for model in (model_a, model_b):  # each on its own device; compared on the CPU
+        inputs = to_model_device(model, batch)
         was_training = model.training
         model.eval()
-        logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()[mask])
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+        logits.append(out[inputs["attention_mask"].bool()].cpu())  # (positions, V)
         model.train(was_training)
     a, b = logits  # (positions, V) each
     logp_a, logp_b = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
@@ -434,6 +435,7 @@ def time_per_forward(model, batch: dict, repeats: int = 3, warmup: bool = True) 
     ``warmup``: run one untimed pass first, which pays one-off costs (weights read in from a memory-mapped
     file, allocations, kernel selection); skip it only if the model has just run on similar inputs.
     """
+    batch = to_model_device(model, batch)
     was_training = model.training
     model.eval()
     times = []
@@ -441,6 +443,8 @@ def time_per_forward(model, batch: dict, repeats: int = 3, warmup: bool = True) 
         for i in range(repeats + int(warmup)):
             start = time.perf_counter()
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if batch["input_ids"].is_cuda:  # kernels run asynchronously: wait for them before reading the clock
+                torch.cuda.synchronize()
             if i or not warmup:
                 times.append(time.perf_counter() - start)
     finally:

@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from rlcourse.logprobs import (collate, forward_logprobs, masked_mean, masked_sum, token_entropy, token_logprobs,
-                               tokenize_prompt_completion)
+from rlcourse.logprobs import (collate, forward_logprobs, masked_mean, masked_sum, to_model_device, token_entropy,
+                               token_logprobs, tokenize_prompt_completion)
 from rlcourse.models import tiny_model
 
 
@@ -79,3 +79,15 @@ def test_collate_truncates_keeping_the_start(tokenizer):
     batch = collate([row], tokenizer.pad_token_id, max_length=6)
     assert batch["input_ids"].tolist() == [list(range(6))]
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 0, 1, 1]]
+
+
+def test_to_model_device_moves_the_tensors_and_keeps_the_rest():
+    # The meta device stands in for a GPU: batches are built on the CPU and must follow the model.
+    model = torch.nn.Linear(2, 2, device="meta")
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "completions": ["a", "b"], "step": 4}
+    moved = to_model_device(model, batch)
+    assert moved["input_ids"].device.type == "meta" and moved["input_ids"].shape == (2, 3)
+    assert moved["completions"] == ["a", "b"] and moved["step"] == 4
+    assert batch["input_ids"].device.type == "cpu"  # a copy: the caller's batch stays where it was
+    on_cpu = to_model_device(torch.nn.Linear(2, 2), batch)
+    assert on_cpu["input_ids"] is batch["input_ids"]  # no copy of the data on the CPU

@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from rlcourse.logprobs import shift_mask, token_entropy, token_logprobs
+from rlcourse.logprobs import shift_mask, to_model_device, token_entropy, token_logprobs
 from rlcourse.losses.dpo import DPO_LOSSES, dpo_loss, implicit_reward, ipo_loss
 from rlcourse.models import REF_ADAPTER, add_reference_adapter, reference_policy, remove_reference_adapter  # noqa: F401
 from rlcourse.train import batch_indices
@@ -199,6 +199,7 @@ def dpo_step(model, batch: dict, settings: DPOSettings = DPOSettings()) -> tuple
     reference adapter is updated first whenever ``batch["step"]`` is a positive multiple of τ, i.e. right after
     optimizer step kτ, where TRL's ``SyncRefModelCallback`` does it.
     """
+    batch = to_model_device(model, batch)
     step = batch.get("step", 0)
     if settings.sync_ref_every and step > 0 and step % settings.sync_ref_every == 0:
         if REF_ADAPTER not in model.peft_config:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlcourse.logprobs import collate, forward_logprobs, masked_sum
+from rlcourse.logprobs import collate, forward_logprobs, masked_sum, to_model_device
 from rlcourse.losses.bco import RewardShift, bco_loss
 from rlcourse.losses.dro import dro_loss, dro_policy_loss, dro_value_loss
 from rlcourse.losses.kto import kto_loss, kto_reference_point, mismatched_completions
@@ -201,6 +201,7 @@ def _label_metrics(rewards: torch.Tensor, logps: torch.Tensor, labels: torch.Ten
 def kto_step(model, batch: dict, settings: KTOSettings = KTOSettings()) -> tuple[torch.Tensor, dict]:
     """One KTO step: the loss and the metrics KTOTrainer logs (``rewards/*``, ``logps/*``, entropy), and ``z0``, the
     reference point, which TRL logs as ``kl`` (renamed here: the probes' ``kl`` is the sampled KL to the base)."""
+    batch = to_model_device(model, batch)
     logps, out = _sequence_logps(model, batch, with_entropy=True)  # (B,) log π_θ(y|x)
     with torch.no_grad():
         kl_logps, _ = _sequence_logps(model, batch, "KL_")  # (B,) log π_θ(y'|x), mismatched
@@ -238,6 +239,7 @@ def bco_step_fn(beta: float = 0.1):
     shift = RewardShift()
 
     def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+        batch = to_model_device(model, batch)
         logps, out = _sequence_logps(model, batch, with_entropy=True)
         with torch.no_grad(), reference_policy(model):
             ref_logps, _ = _sequence_logps(model, batch)
@@ -246,7 +248,7 @@ def bco_step_fn(beta: float = 0.1):
         labels = batch["label"].bool()
         loss = bco_loss(logps, ref_logps, labels, beta, delta)
         with torch.no_grad():
-            metrics = _label_metrics(rewards.detach(), logps, labels, out) | {"delta": torch.tensor(delta)}
+            metrics = _label_metrics(rewards.detach(), logps, labels, out) | {"delta": torch.tensor(delta, device=logps.device)}
         return loss, metrics
 
     step.shift = shift
@@ -280,18 +282,20 @@ def dro_step_fn(n_prompts: int, tau: float = 1.0, value_lr: float = 0.1):
         if "score" not in batch:
             raise ValueError("DRO needs a scalar reward per row: build the rows with unpaired_rows() from pairs with "
                              "'score_chosen' and 'score_rejected', or give every row a 'score'")
+        batch = to_model_device(model, batch)
+        values.to(batch["score"].device)  # in place: the value optimizer keeps the same parameter
         logps, out = _sequence_logps(model, batch, with_entropy=True)
         with torch.no_grad(), reference_policy(model):
             ref_logps, _ = _sequence_logps(model, batch)
         rewards = batch["score"].to(logps.dtype)
-        v = values(batch["prompt_index"].to(values.values.device))
+        v = values(batch["prompt_index"])
         with torch.no_grad():
             joint = dro_loss(logps.float(), ref_logps.float(), rewards.float(), v.float(), tau)
         value_loss = dro_value_loss(v, rewards.float(), logps.float(), ref_logps.float(), tau)
         optimizer.zero_grad()
         value_loss.backward()
         optimizer.step()
-        v = values(batch["prompt_index"].to(values.values.device)).detach()  # the updated baseline
+        v = values(batch["prompt_index"]).detach()  # the updated baseline
         loss = dro_policy_loss(logps.float(), ref_logps.float(), rewards.float(), v, tau)
         with torch.no_grad():
             logratio = (logps - ref_logps).float()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rlcourse.kl import kl_k1, kl_k3, kl_penalized_rewards
+from rlcourse.logprobs import to_model_device
 from rlcourse.losses.policy_gradient import (
     LOSS_TYPES, SCALE_REWARDS, clip_fractions, grpo_advantages, grpo_loss, importance_ratio,
     reinforce_pp_advantages, rloo_advantages, rloo_loss,
@@ -147,6 +148,7 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
     Only the last C+1 positions' logits are computed (``logits_to_keep``): position P−1+t predicts
     completion token t. Logits are divided by the sampling temperature, as TRL does.
     """
+    batch = to_model_device(model, batch)
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (N, P+C)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (N, P+C)
     C = batch["completion_ids"].size(1)
@@ -177,6 +179,7 @@ def advantages_of(batch: dict, config: OnlineConfig, logps: torch.Tensor | None 
 
 def online_step(model, batch: dict, config: OnlineConfig) -> tuple[torch.Tensor, dict]:
     """One step's loss on a scored batch, and the metrics TRL logs under the same names."""
+    scored, batch = batch, to_model_device(model, batch)
     mask = batch["completion_mask"].float()  # (N, C)
     ref_logps = None
     if config.beta != 0.0:
@@ -185,7 +188,7 @@ def online_step(model, batch: dict, config: OnlineConfig) -> tuple[torch.Tensor,
     logps, entropy = completion_logprobs(model, batch, config.sampling.temperature, with_entropy=True)
     old_logps = logps.detach()  # one update per batch: π_θ_old = π_θ
     advantages = advantages_of(batch, config, old_logps, ref_logps)
-    batch["advantages"] = advantages  # kept with the batch, for the parity check on fixed completions
+    scored["advantages"] = advantages  # kept with the caller's batch, for the parity check on fixed completions
     n_tok = mask.sum().clamp(min=1.0)
     metrics = {}
     if config.algorithm == "grpo":

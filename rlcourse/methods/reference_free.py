@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 
-from rlcourse.logprobs import masked_mean, masked_sum, shift_mask, token_entropy, token_logprobs
+from rlcourse.logprobs import masked_mean, masked_sum, shift_mask, to_model_device, token_entropy, token_logprobs
 from rlcourse.losses.cpo import cpo_loss, simpo_loss
 from rlcourse.losses.orpo import log_odds, odds_ratio_loss, orpo_loss
 from rlcourse.losses.sft import sft_loss
@@ -124,6 +124,7 @@ def cpo_step(model, batch: dict, settings: CPOSettings = CPOSettings()) -> tuple
 
     batch: (2B, T) tensors from ``batch_fn``, chosen rows first. No reference model: one forward of the policy.
     """
+    batch = to_model_device(model, batch)
     out = _forward(model, batch)
     mask = out["mask"]
     summed = masked_sum(out["logps"], mask)  # (2B,) log π_θ(y|x)
@@ -151,6 +152,7 @@ def orpo_step(model, batch: dict, settings: ORPOSettings = ORPOSettings()) -> tu
     ``log_odds_ratio`` is TRL's name for mean log σ(log odds_w − log odds_l) (= −L_OR, a log-*sigmoid*, not the
     log odds ratio); ``log_odds_chosen`` is the mean log odds ratio itself. ``or_loss`` is L_OR (ours, added).
     """
+    batch = to_model_device(model, batch)
     out = _forward(model, batch)
     averaged = masked_mean(out["logps"], out["mask"])  # (2B,) per-token average log π_θ(y|x)
     chosen, rejected = averaged.chunk(2)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from rlcourse.evaluate import spearman
+from rlcourse.logprobs import to_model_device
 from rlcourse.losses.reward import reward_model_loss
 from rlcourse.train import _replace_dir, batch_indices
 
@@ -173,6 +174,7 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 def reward_step(model, batch: dict, center_rewards_coefficient: float | None = None) -> tuple[torch.Tensor, dict]:
     """One step's loss and the metrics ``RewardTrainer`` logs (accuracy, margin, min/mean/max reward)."""
+    batch = to_model_device(model, batch)
     rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).float()  # (2B,)
     chosen, rejected = rewards.chunk(2)  # (B,), (B,)
     loss = reward_model_loss(chosen, rejected, batch.get("margin"), center_rewards_coefficient)
