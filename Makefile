@@ -12,6 +12,8 @@ VENV ?= .venv
 PROFILE ?= auto
 # Notebooks for `make course` (file names or globs under notebooks/); empty means all of them.
 NB ?=
+# Notebook parameters for `make course`, e.g. PARAMS='-p extra_seeds 4' (names from a notebook's parameters cell).
+PARAMS ?=
 # Extra pytest arguments for `make test`, e.g. PYTEST_ARGS='-k sft -x'.
 PYTEST_ARGS ?=
 # Extra arguments for `make lab`, e.g. LAB_ARGS='--no-browser --port 8890'.
@@ -56,7 +58,7 @@ install:
 	$(MAKE) $(STAMP)
 
 course: $(STAMP)
-	TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false $(PY) scripts/run_notebooks.py --profile $(PROFILE) $(NB)
+	TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false $(PY) scripts/run_notebooks.py --profile $(PROFILE) $(PARAMS) $(NB)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the course's notebooks headless with papermill and write a results index.
 
-    python scripts/run_notebooks.py [--profile auto|ci|cpu|gpu] [--timeout S] [NOTEBOOK ...]
+    python scripts/run_notebooks.py [--profile auto|ci|cpu|gpu] [-p NAME VALUE ...] [--timeout S] [NOTEBOOK ...]
 
 (``make course`` runs it with the course's environment.) Each notebook runs in ``notebooks/`` with
 its ``profile`` parameter set; its executed copy goes to ``build/notebooks/<name>.ipynb`` and the
@@ -17,6 +17,7 @@ and the others still run; the exit status is 1 if any notebook failed.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import fnmatch
 import json
@@ -76,6 +77,31 @@ def ensure_kernel(spec_root: Path | None = None, name: str = KERNEL_NAME) -> str
     paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p and Path(p) != spec_root]
     os.environ["JUPYTER_PATH"] = os.pathsep.join([str(spec_root), *paths])
     return name
+
+
+def parse_parameters(pairs: list[list[str]] | None) -> dict:
+    """``-p NAME VALUE`` pairs as notebook parameters: VALUE read as a Python literal (4, 5e-4, True, None), else text."""
+    params = {}
+    for name, value in pairs or []:
+        if not name.isidentifier():
+            raise SystemExit(f"-p {name} {value}: {name!r} is not a parameter name (see the notebook's parameters cell)")
+        try:
+            params[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params[name] = value
+    if "profile" in params:
+        raise SystemExit("set the profile with --profile, not -p profile")
+    return params
+
+
+def parameter_names(path: Path) -> set[str]:
+    """The names a notebook's ``parameters`` cell assigns: the ones ``-p`` may override."""
+    for cell in json.loads(path.read_text())["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)}
+    return set()
 
 
 def resolve_profile(name: str) -> str:
@@ -192,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", help="notebook names or globs (default: all)")
     parser.add_argument("--profile", default="auto", choices=["auto", "ci", "cpu", "gpu"])
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                        help="override a parameter of the notebooks' parameters cell, e.g. -p extra_seeds 4")
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per cell (default: none)")
     parser.add_argument("--out", type=Path, default=None, help="executed notebooks folder (default: build/notebooks)")
     args = parser.parse_args(argv)
@@ -206,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no notebooks found in notebooks/", file=sys.stderr)
         return 1
     profile = resolve_profile(args.profile)
+    params = parse_parameters(args.parameter)
+    for path in notebooks:
+        unknown = sorted(set(params) - parameter_names(path))
+        if unknown:
+            raise SystemExit(f"{path.name} has no parameter {', '.join(unknown)} (its parameters cell sets "
+                             f"{', '.join(sorted(parameter_names(path)))}): run it without that -p, or alone")
     kernel = ensure_kernel()
 
     # Keep the entries of notebooks not run this time (a run of a subset), drop those of deleted ones.
@@ -221,15 +255,16 @@ def main(argv: list[str] | None = None) -> int:
 
     skip = {out_dir, build / "jupyter", build / "lock-venv", build / "index.md", index_json}
     failures = 0
-    print(f"Running {len(notebooks)} notebook(s) with profile {profile!r}; executed copies in {out_dir}")
+    print(f"Running {len(notebooks)} notebook(s) with profile {profile!r}"
+          f"{f' and parameters {params}' if params else ''}; executed copies in {out_dir}")
     for i, path in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {path.name} ...", flush=True)
         before = _snapshot(build, skip)
         out_path = out_dir / path.name
         start = time.perf_counter()
-        record = {"notebook": path.name, "profile": profile}
+        record = {"notebook": path.name, "profile": profile, **({"parameters": params} if params else {})}
         try:
-            execute(path, out_path, {"profile": profile}, kernel_name=kernel, timeout=args.timeout,
+            execute(path, out_path, {"profile": profile, **params}, kernel_name=kernel, timeout=args.timeout,
                     progress=sys.stderr.isatty())
             record.update(status="ok", error=None, cell=None)
         except Exception as exc:  # noqa: BLE001 - report it and go on with the next notebook

@@ -92,3 +92,16 @@ def test_runner_fails_on_a_failing_assert(tmp_path, ci_run):
     path = _tiny_notebook(tmp_path, "_runner_fail.ipynb", "assert 1 + 1 == 3, 'parity check failed'")
     with pytest.raises(pytest.fail.Exception, match="parity check failed"):
         ci_run(path, cwd=tmp_path)
+
+
+def test_runner_parameters_are_literals_and_must_exist(capsys):
+    assert run_notebooks.parse_parameters([["extra_seeds", "4"], ["learning_rate", "5e-4"], ["task_name", "arithmetic"],
+                                           ["run_variants", "False"], ["num_generations", "None"]]) == {
+        "extra_seeds": 4, "learning_rate": 5e-4, "task_name": "arithmetic", "run_variants": False,
+        "num_generations": None}
+    with pytest.raises(SystemExit, match="--profile"):
+        run_notebooks.parse_parameters([["profile", "cpu"]])
+    names = run_notebooks.parameter_names(ROOT / "notebooks" / "12_grpo.ipynb")
+    assert {"profile", "seed", "extra_seeds", "learning_rate"} <= names
+    with pytest.raises(SystemExit, match="no parameter extra_sedes"):
+        run_notebooks.main(["--profile", "ci", "-p", "extra_sedes", "4", "12_grpo"])
