@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from rlcourse.logprobs import collate, forward_logprobs, to_model_device, tokenize_prompt_completion
+from rlcourse.logprobs import collate, forward_logprobs, tokenize_prompt_completion
 from rlcourse.losses.sft import dft_loss, sft_loss
 from rlcourse.train import batch_indices
 
@@ -28,8 +28,7 @@ def batch_fn(tokenized: list[dict], batch_size: int, pad_token_id: int, max_leng
 
 def sft_step(model, batch: dict, dft: bool = False) -> tuple[torch.Tensor, dict]:
     """One SFT step's loss and the metrics TRL's SFTTrainer logs (entropy, token accuracy, tokens)."""
-    batch = to_model_device(model, batch)
-    out = forward_logprobs(model, batch, with_stats=True)
+    out = forward_logprobs(model, batch, with_stats=True)  # moves the batch to the model's device
     mask = out["mask"]
     loss = (dft_loss if dft else sft_loss)(out["logps"], mask)
     n = mask.sum().clamp(min=1)
