@@ -22,6 +22,7 @@ import time
 import torch
 
 from rlcourse.paths import build_dir
+from rlcourse.precision import current as current_precision
 
 
 class StepTimer:
@@ -83,16 +84,17 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     rows = [measure(m, impl, args.batch_size, args.steps) for m in args.methods for impl in available[m]]
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    precision = current_precision()
+    device = f"{precision.device}: {precision.hardware}"
     lines = [f"Benchmark on {device}, batch {args.batch_size}, {args.steps} steps (first step excluded), "
-             f"SmolLM2-135M NF4 + LoRA r=16", "",
+             f"SmolLM2-135M NF4 + LoRA r=16, {precision.name} ({precision.reason})", "",
              "| method | impl | median step (s) | peak RSS (MB) |", "|---|---|---:|---:|"]
     lines += [f"| {r['method']} | {r['impl']} | {r['median_step_s']:.2f} | {r['peak_rss_mb']:.0f} |" for r in rows]
     text = "\n".join(lines)
     print(text)
     out = build_dir("bench")
     (out / "bench.md").write_text(text + "\n")
-    (out / "bench.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    (out / "bench.json").write_text(json.dumps({"device": device, "precision": precision.name, "rows": rows}, indent=1))
     return rows
 
 

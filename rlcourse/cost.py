@@ -1,7 +1,7 @@
 """What one training step costs: seconds and peak memory of step functions on the same batch (lesson 07).
 
 Lesson 07 asks what dropping the reference model saves. ``step_cost`` runs each step function (forward and
-backward, bf16 autocast like training, no optimizer update) on the same batch and reports
+backward, in the training loop's precision, no optimizer update) on the same batch and reports
 
 - ``seconds``: the median wall-clock time of ``repeats`` steps, after one warm-up step;
 - ``peak_mb``: how much memory the step needed above what was held before it. On CUDA, the peak allocated memory
@@ -40,13 +40,18 @@ def _reset_peak_rss() -> bool:
 
 
 def step_cost(model, batch: dict, step_fns: dict[str, Callable], repeats: int = 3,
-              bf16: bool = True) -> dict[str, dict]:
+              bf16: bool | None = None) -> dict[str, dict]:
     """{name: {"seconds": median seconds per step, "peak_mb": extra peak memory or None, "memory": what it is}}.
 
-    step_fns: name -> step_fn(model, batch) -> (loss, metrics). Gradients are cleared after each step; the
+    step_fns: name -> step_fn(model, batch) -> (loss, metrics). ``bf16``: autocast as ``TrainConfig.bf16`` does
+    (None: this machine's precision, ``rlcourse.precision``). Gradients are cleared after each step; the
     model's weights are not changed.
     """
     device = next(model.parameters()).device
+    if bf16 is None:
+        from rlcourse.precision import current
+
+        bf16 = current().bf16
     cuda = device.type == "cuda"
     model.train()
     results = {}

@@ -146,11 +146,14 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
     return n
 
 
-def _load_kwargs(quantize: bool, compute_dtype: torch.dtype) -> dict:
+def _load_kwargs(quantize: bool, compute_dtype: torch.dtype | None) -> dict:
     """``from_pretrained`` arguments shared by the policy and the reward model: fp32 weights, or 4-bit NF4
-    (no double quantisation) dequantised to ``compute_dtype`` for each matmul."""
+    (no double quantisation) dequantised to ``compute_dtype`` for each matmul (None: this machine's precision)."""
     from transformers import BitsAndBytesConfig
 
+    from rlcourse.precision import current
+
+    compute_dtype = compute_dtype or current().dtype
     kwargs = {"dtype": torch.float32}
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -165,14 +168,15 @@ def _load_kwargs(quantize: bool, compute_dtype: torch.dtype) -> dict:
 def load_model(
     quantize: bool = True,
     lora: LoraSettings | None = None,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | None = None,
     seed: int = 0,
     path: str | None = None,
 ):
     """SmolLM2-135M-Instruct, 4-bit NF4 (``quantize=True``) or fp32, with fresh LoRA adapters if ``lora``.
 
-    ``compute_dtype`` is the dtype NF4 weights are dequantised to for each matmul. ``seed`` fixes the
-    LoRA initialisation, so our loop and TRL's can start from the same adapters.
+    ``compute_dtype`` is the dtype NF4 weights are dequantised to for each matmul; None means this machine's
+    precision (``rlcourse.precision``: bf16 where it is native, else fp32). ``seed`` fixes the LoRA
+    initialisation, so our loop and TRL's can start from the same adapters.
     """
     from transformers import AutoModelForCausalLM
 
@@ -194,10 +198,17 @@ def add_lora(model, lora: LoraSettings, seed: int = 0):
 
 
 def trainable_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast trainable (LoRA) parameters, e.g. to bf16 as TRL does for quantized models (README pitfall 2)."""
+    """Cast trainable (LoRA) parameters, e.g. to bf16 as TRL does for quantized models (README pitfall 2), or back
+    to fp32 where this machine computes in fp32 (``rlcourse.precision``)."""
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(dtype)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """True for a 4-bit model, bare or wrapped by peft: the models TRL casts the adapters of (README pitfall 2)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False)
+                or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False))
 
 
 REF_ADAPTER = "ref"
@@ -299,7 +310,7 @@ def restore_lora(model, state: dict[str, torch.Tensor]) -> None:
 def load_reward_model(
     lora: LoraSettings | None = None,
     quantize: bool = True,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | None = None,
     seed: int = 0,
     path: str | None = None,
     tokenizer=None,

@@ -1,10 +1,11 @@
 """Compare our run with TRL's, number for number, and say how far apart they are.
 
 Two runs that start from the same adapters on the same batches must log the same first-step loss up to
-floating-point noise: bf16 autocast and a different (fused vs plain) log-softmax put that noise near
-1e-3 relative, so tolerances are stated per metric and asserted by the notebooks. Later steps drift
-apart slowly (bf16 parameters and optimizer states amplify tiny differences); the curves are compared
-by eye and by the largest difference, not asserted.
+floating-point noise, and how much noise depends on the precision the machine computes in
+(``rlcourse.precision``), so the notebooks take their tolerances from ``tolerance()``: one row per precision in
+``TOLERANCES``, each argued below from the arithmetic, none fitted to one CPU's kernels. Later steps drift
+apart slowly (parameters and optimizer states amplify tiny differences); the curves are compared by eye and by
+the largest difference, not asserted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,51 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlcourse.metrics import MetricsLog
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far our numbers may be from TRL's in one precision (relative unless the name says atol).
+
+    Where the noise comes from. bf16 keeps 8 significant bits (unit roundoff 2⁻⁸ ≈ 3.9e-3): under bf16 autocast
+    every matmul rounds its output to that, and the two sides round at different places (TRL fuses the LM head
+    with the log-softmax, we do not; DPO concatenates chosen and rejected into one forward). fp32 keeps 24 bits
+    (6e-8): what is left is the order of summation, which differs between our code and TRL's and between CPUs
+    (AVX2 and AVX-512 kernels split a reduction differently; README pitfall 11). A sum of n terms in a different
+    order moves by about √n·u relative; the longest sums here are the log-softmax over V = 49,152 tokens and the
+    hidden size 576 over 30 layers: √49152 · 6e-8 ≈ 1.3e-5. The fp32 tolerances sit several times above that.
+    """
+
+    values: float
+    """First-step loss, log-probs and rewards of two runs on the 4-bit model, averaged over a batch. bf16: 1e-3, a
+    quarter of bf16's unit roundoff (the average over tokens and rows cancels most of the rounding). fp32: 1e-4."""
+    grad_norm: float
+    """First-step gradient norm: the backward adds 30 layers of rounding in the other order. bf16: 2e-2;
+    fp32: 1e-3."""
+    recomputed: float
+    """A loss computed twice on the same batch and adapters, ours and TRL's own method (every DPO loss_type,
+    bco_pair). bf16: 2e-3; fp32: 1e-4, the same arithmetic as ``values``."""
+    rl_loss: float
+    """A policy-gradient loss on fixed completions (lessons 11, 12): a small number (advantages average to ~0)
+    made of ratios exp(log π − log π_old), so it is relative to a cancelling sum. bf16: 2e-2; fp32: 1e-3."""
+    rewards_atol: float
+    """Absolute difference of a reward model's first-step margin and mean reward (scores of order 1, the score head
+    reads one hidden state in the compute dtype). bf16: 1e-2; fp32: 1e-4."""
+
+
+TOLERANCES = {
+    "bf16": Tolerance(values=1e-3, grad_norm=2e-2, recomputed=2e-3, rl_loss=2e-2, rewards_atol=1e-2),
+    "fp32": Tolerance(values=1e-4, grad_norm=1e-3, recomputed=1e-4, rl_loss=1e-3, rewards_atol=1e-4),
+}
+
+
+def tolerance(precision: str | None = None) -> Tolerance:
+    """The tolerances of ``precision`` ("bf16" or "fp32"; None: the precision this machine computes in)."""
+    if precision is None:
+        from rlcourse.precision import current
+
+        precision = current().name
+    return TOLERANCES[precision]
 
 
 @dataclass

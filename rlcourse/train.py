@@ -5,10 +5,10 @@
         loss, metrics = step_fn(model, batch) # the method: a pure loss function on log-probs
         loss.backward(); clip; optimizer.step()
 
-Everything else here is bookkeeping a real run needs: seeding (same seed -> identical CPU metrics),
-bf16 autocast with bf16 LoRA parameters (what TRL does for a quantized model, README pitfall 2, so the
-two runs are comparable), and atomic checkpoints (adapter, optimizer state, RNG state, metrics) every
-``checkpoint_every`` steps, so an interrupted run resumes where it stopped and never loses its outputs.
+Everything else here is bookkeeping a real run needs: seeding (same seed -> identical CPU metrics), this
+machine's precision (``rlcourse.precision``: where bf16 is native, bf16 autocast with bf16 LoRA parameters, what
+TRL does for a quantized model, README pitfall 2; elsewhere fp32 throughout, and TRL's side follows), and atomic
+checkpoints (adapter, optimizer state, RNG state, metrics) every ``checkpoint_every`` steps, so an interrupted run resumes where it stopped and never loses its outputs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rlcourse.metrics import MetricsLog
-from rlcourse.models import trainable_to
+from rlcourse.models import is_quantized, trainable_to
+from rlcourse.precision import current as current_precision
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,9 @@ class TrainConfig:
     """AdamW weight decay (TRL's default)."""
     seed: int = 0
     """Seeds Python, NumPy and torch at the start of the run."""
-    bf16: bool = True
-    """bf16 autocast, and bf16 trainable parameters for a quantized model, as TRL does by default."""
+    bf16: bool = field(default_factory=lambda: current_precision().bf16)
+    """bf16 autocast, and bf16 trainable parameters for a quantized model (as TRL does); False: fp32 throughout.
+    Default: this machine's precision, bf16 only where it is native (``rlcourse.precision``, ``$RLCOURSE_DTYPE``)."""
     checkpoint_every: int = 10
     """Steps between checkpoints (a final checkpoint is always written)."""
 
@@ -171,10 +173,8 @@ def train(
         os.replace(out_dir, out_dir.with_name(f"{out_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}"))
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None),
-                                                                        "is_loaded_in_4bit", False)
-    if config.bf16 and quantized:
-        trainable_to(model, torch.bfloat16)  # what TRL does to a quantized model's trainable parameters
+    if is_quantized(model):  # bf16 is what TRL makes a quantized model's adapters; fp32 undoes an earlier cast
+        trainable_to(model, torch.bfloat16 if config.bf16 else torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 

@@ -11,7 +11,7 @@ from trl import RewardConfig, RewardTrainer
 from rlcourse.methods import reward_model as rm
 from rlcourse.models import LoraSettings
 from rlcourse.train import TrainConfig, train
-from rlcourse.trl_runs import trl_config
+from rlcourse.trl_runs import run_trl, trl_config
 
 PAIRS = [
     ("Why is the sky blue?", "Air scatters blue light more than red light.", "Because.", 1.0, 0.0),
@@ -231,16 +231,33 @@ def test_pitfall2_trl_casts_the_score_head_to_bf16(quantized, tokenizer, tmp_pat
         assert trainer.state.log_history[0]["loss"] > 0
 
 
-def test_our_loop_casts_the_head_like_trl_and_runs(quantized, tokenizer, tmp_path):
+def test_pitfall12_match_precision_undoes_trls_cast_in_fp32(quantized, tokenizer, tmp_path):
+    """In fp32 (a CPU without native bf16) TRL's bf16 cast would make the run fail (above) or, for a policy, train
+    bf16 adapters twice as slowly as ours: ``run_trl`` casts them back first (``match_precision``)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(quantized(), LoraSettings(r=4, alpha=8).peft_config(task_type="SEQ_CLS"))
+    args = trl_config(RewardConfig, TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=False), tmp_path,
+                      max_length=128)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}  # TRL's cast
+    log = run_trl(trainer)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert log.rows[0]["loss"] > 0 and log.rows[0]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_our_loop_casts_the_head_like_trl_and_runs(quantized, tokenizer, tmp_path, bf16):
     from peft import get_peft_model
 
     model = get_peft_model(quantized(), LoraSettings(r=4, alpha=8).peft_config(task_type="SEQ_CLS"))
     batch = rm.batch_fn(rm.tokenize_pairs(ROWS, tokenizer), 4, tokenizer.pad_token_id)
-    log = train(model, batch, rm.step_fn(rm.RewardModelConfig()), TrainConfig(steps=1, batch_size=4, learning_rate=1e-3),
-                tmp_path, progress=False)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+    log = train(model, batch, rm.step_fn(rm.RewardModelConfig()),
+                TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=bf16), tmp_path, progress=False)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    assert all(p.dtype == dtype for p in model.parameters() if p.requires_grad)
     assert log.rows[0]["grad_norm"] > 0
-    res = rm.heldout_eval(model, tokenizer, ROWS)  # scoring outside training runs under autocast too
+    res = rm.heldout_eval(model, tokenizer, ROWS)  # scoring outside training: autocast where the head is bf16
     assert res.chosen.dtype == res.rejected.dtype and len(res.chosen) == 4
 
 

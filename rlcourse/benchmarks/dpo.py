@@ -32,13 +32,13 @@ def trl(batch_size: int, steps: int, out) -> list[float]:
 
     from rlcourse.methods import dpo
     from rlcourse.train import TrainConfig
-    from rlcourse.trl_runs import trl_config
+    from rlcourse.trl_runs import run_trl, trl_config
 
     tok, rows, model = _setup(batch_size, steps)
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4)
     args = trl_config(DPOConfig, config, out, disable_tqdm=True, **dpo.trl_kwargs(dpo.DPOSettings(), MAX_LENGTH))
     timer = StepTimer()
-    DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]).train()
+    run_trl(DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]))
     return timer.times
 
 

@@ -54,6 +54,7 @@ def _ours(algorithm: str, batch_size: int, steps: int, out) -> dict[str, list[fl
 def _trl(algorithm: str, batch_size: int, steps: int, out) -> dict[str, list[float]]:
     from rlcourse.methods import online
     from rlcourse.train import TrainConfig
+    from rlcourse.trl_runs import run_trl
 
     tok, task, rows, config, model = _setup(algorithm, batch_size, steps)
     train_config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4)
@@ -74,7 +75,7 @@ def _trl(algorithm: str, batch_size: int, steps: int, out) -> dict[str, list[flo
         return result
 
     trainer._generate = timed
-    trainer.train()
+    run_trl(trainer)
     return {"total": timer.times, "generation": gen_times, "update": [t - g for t, g in zip(timer.times, gen_times)]}
 
 

@@ -33,14 +33,14 @@ def trl(batch_size: int, steps: int, out) -> list[float]:
 
     from rlcourse.methods import kto
     from rlcourse.train import TrainConfig
-    from rlcourse.trl_runs import trl_config
+    from rlcourse.trl_runs import run_trl, trl_config
 
     tok, rows, model = _rows(batch_size, steps)
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4)
     args = trl_config(KTOConfig, config, out, disable_tqdm=True, **kto.trl_kto_kwargs(kto.KTOSettings(), MAX_LENGTH))
     timer = StepTimer()
-    KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-               callbacks=[timer]).train()
+    run_trl(KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                       callbacks=[timer]))
     return timer.times
 
 

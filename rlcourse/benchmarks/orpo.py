@@ -21,13 +21,13 @@ def trl(batch_size: int, steps: int, out) -> list[float]:
 
     from rlcourse.methods import reference_free as rf
     from rlcourse.train import TrainConfig
-    from rlcourse.trl_runs import trl_config
+    from rlcourse.trl_runs import run_trl, trl_config
 
     tok, rows, model = _setup(batch_size, steps)
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4)
     args = trl_config(ORPOConfig, config, out, disable_tqdm=True, **rf.trl_orpo_kwargs(rf.ORPOSettings(), MAX_LENGTH))
     timer = StepTimer()
-    ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]).train()
+    run_trl(ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]))
     return timer.times
 
 

@@ -32,7 +32,7 @@ def trl(batch_size: int, steps: int, out) -> list[float]:
 
     from rlcourse.methods import reward_model as rm
     from rlcourse.train import TrainConfig
-    from rlcourse.trl_runs import trl_config
+    from rlcourse.trl_runs import run_trl, trl_config
 
     tok, rows, model = _setup(batch_size, steps)
     rm_config = rm.RewardModelConfig()
@@ -40,7 +40,7 @@ def trl(batch_size: int, steps: int, out) -> list[float]:
     args = trl_config(RewardConfig, config, out, max_length=rm_config.max_length,
                       center_rewards_coefficient=rm_config.center_rewards_coefficient, disable_tqdm=True)
     timer = StepTimer()
-    RewardTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]).train()
+    run_trl(RewardTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]))
     return timer.times
 
 

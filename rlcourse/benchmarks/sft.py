@@ -28,13 +28,13 @@ def trl(batch_size: int, steps: int, out) -> list[float]:
     from trl import SFTConfig, SFTTrainer
 
     from rlcourse.train import TrainConfig
-    from rlcourse.trl_runs import trl_config
+    from rlcourse.trl_runs import run_trl, trl_config
 
     tok, rows, model = _setup(batch_size, steps)
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4)
     args = trl_config(SFTConfig, config, out, max_length=256, completion_only_loss=True, disable_tqdm=True)
     timer = StepTimer()
-    SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]).train()
+    run_trl(SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[timer]))
     return timer.times
 
 

@@ -197,12 +197,15 @@ def step_fn(config: RewardModelConfig):
 
 
 def _autocast(model):
-    """bf16 autocast where bf16 runs (the precision the model was trained in; needed once TRL or our loop
-    has cast the score head to bf16, README pitfall 2)."""
-    device = next(model.parameters()).device
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast in this machine's bf16 mode (``rlcourse.precision``), and wherever the score head is bf16 (a
+    model trained in bf16 mode: TRL or our loop cast the head, README pitfall 2, and it then needs bf16 inputs);
+    otherwise fp32, as the model was trained."""
+    from rlcourse.precision import current
+
+    _, head = _backbone_and_head(model)
+    if current().bf16 or any(p.dtype == torch.bfloat16 for p in head.parameters()):
+        return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
