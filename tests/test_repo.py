@@ -254,6 +254,22 @@ def test_notebook_has_badge_setup_cell_and_parameters(path):
     assert "profile" in assigned, f"{path.name}: the parameters cell must set `profile`"
 
 
+# Notebooks whose lesson compares precisions on purpose: 03 times NF4 with bf16 and with fp32 compute, 10 recomputes
+# a KL under bf16 autocast to show what bf16 does to small KLs.
+COMPARE_PRECISIONS = {"03_qlora.ipynb", "10_kl-penalty.ipynb"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_prints_its_precision_and_never_forces_bf16(path):
+    """Every notebook says which precision and CPU it ran with, and computes in the machine's precision
+    (rlcourse.precision): a hard-coded bf16 autocast or cast would run emulated bf16, ~35x slower, on most laptops."""
+    code = "\n".join(c.source for c in _read(path).cells if c.cell_type == "code")
+    assert "precision.current().describe()" in code, f"{path.name}: print(precision.current().describe()) after the profile"
+    if path.name not in COMPARE_PRECISIONS:
+        forced = re.findall(r"autocast\([^)]*bfloat16|trainable_to\([^)]*bfloat16|compute_dtype=torch\.bfloat16", code)
+        assert not forced, f"{path.name} forces bf16 ({forced}): use precision.autocast(...) / precision.current().dtype"
+
+
 @pytest.mark.parametrize("path", LESSONS, ids=_ids(LESSONS))
 def test_lesson_has_notebook_and_badge(path):
     notebook = ROOT / "notebooks" / f"{path.stem}.ipynb"
