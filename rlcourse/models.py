@@ -211,6 +211,16 @@ def is_quantized(model: torch.nn.Module) -> bool:
                 or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False))
 
 
+def as_trl_trains(model: torch.nn.Module, bf16: bool) -> None:
+    """Put a quantized model's trainable parameters where a TRL trainer has them when it trains: cast to bf16 by its
+    constructor (README pitfall 2), and kept so in bf16; cast back to fp32 in fp32 (``trl_runs.match_precision``,
+    README pitfall 12). The values then sit on bf16's grid either way, so our loop rounds them the same way: from
+    unrounded adapters, a reward model's first loss differed from TRL's by 4e-4 relative in fp32."""
+    trainable_to(model, torch.bfloat16)
+    if not bf16:
+        trainable_to(model, torch.float32)
+
+
 REF_ADAPTER = "ref"
 """Name of a frozen reference adapter: TRL's name for the copy it makes of a PEFT model's adapter, and ours."""
 

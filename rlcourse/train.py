@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlcourse.metrics import MetricsLog
-from rlcourse.models import is_quantized, trainable_to
+from rlcourse.models import as_trl_trains, is_quantized
 from rlcourse.precision import current as current_precision
 
 
@@ -173,8 +173,8 @@ def train(
         os.replace(out_dir, out_dir.with_name(f"{out_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}"))
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
-    if is_quantized(model):  # bf16 is what TRL makes a quantized model's adapters; fp32 undoes an earlier cast
-        trainable_to(model, torch.bfloat16 if config.bf16 else torch.float32)
+    if is_quantized(model):
+        as_trl_trains(model, config.bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 

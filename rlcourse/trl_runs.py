@@ -19,7 +19,7 @@ import os
 import torch
 
 from rlcourse.metrics import MetricsLog, from_trl_history
-from rlcourse.models import is_quantized, trainable_to
+from rlcourse.models import as_trl_trains, is_quantized
 from rlcourse.train import TrainConfig
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -58,9 +58,10 @@ def trl_config(config_cls, train: TrainConfig, output_dir, **method_kwargs):
 
 def match_precision(trainer):
     """Undo TRL's bf16 cast of a quantized model's adapters when the run is fp32 (``bf16=False``), so TRL trains
-    what our loop trains (README pitfall 12; twice as slow otherwise, and not comparable). Returns the trainer."""
-    if not trainer.args.bf16 and is_quantized(trainer.model):
-        trainable_to(trainer.model, torch.float32)
+    what our loop trains (README pitfall 12; twice as slow otherwise, and not comparable): ``as_trl_trains``, the
+    same rounding our loop applies, also to adapters restored after the trainer was built. Returns the trainer."""
+    if is_quantized(trainer.model):
+        as_trl_trains(trainer.model, trainer.args.bf16)
     return trainer
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlcourse import parity, precision, threads
-from rlcourse.models import LoraSettings, is_quantized, tiny_model
+from rlcourse.models import LoraSettings, as_trl_trains, is_quantized, tiny_model
 from rlcourse.train import TrainConfig
 
 X86_BF16 = frozenset({"avx2", "avx512f", "avx512bw", "avx512_bf16"})
@@ -140,6 +140,20 @@ def test_train_casts_a_plain_model_only_when_asked(tokenizer, tmp_path):
     train(model, batches, sft.step_fn(), TrainConfig(steps=1, batch_size=2, learning_rate=1e-3, bf16=True), tmp_path,
           progress=False)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_adapters_are_rounded_to_bf16_as_trls_constructor_leaves_them(tokenizer, bf16):
+    """TRL's constructor casts a quantized model's adapters to bf16; match_precision casts them back in fp32. Our loop
+    (as_trl_trains) must start from the same values, on bf16's grid, in the precision it trains in."""
+    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    as_trl_trains(model, bf16)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        assert p.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert torch.equal(p.float(), p.bfloat16().float())
 
 
 # ---------------------------------------------------------------- threads
