@@ -8,7 +8,8 @@
 Everything else here is bookkeeping a real run needs: seeding (same seed -> identical CPU metrics), this
 machine's precision (``rlcourse.precision``: where bf16 is native, bf16 autocast with bf16 LoRA parameters, what
 TRL does for a quantized model, README pitfall 2; elsewhere fp32 throughout, and TRL's side follows), and atomic
-checkpoints (adapter, optimizer state, RNG state, metrics) every ``checkpoint_every`` steps, so an interrupted run resumes where it stopped and never loses its outputs.
+checkpoints (adapter, optimizer state, RNG state, metrics) every ``checkpoint_every`` steps, so an interrupted run
+resumes where it stopped and never loses its outputs.
 """
 
 from __future__ import annotations
