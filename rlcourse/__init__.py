@@ -4,7 +4,8 @@ checked against TRL. See README.md; the lessons are in course/, the notebooks in
 Importing the package checks that the installed libraries are the pinned versions
 (``rlcourse.versions``) and warns, naming each difference and the fix, when they are not.
 Set ``RLCOURSE_SKIP_VERSION_CHECK=1`` to skip that check. It also sets the OpenMP environment of a course
-process (``rlcourse.threads``: sleeping waits, one thread per usable core) when ``torch`` is not imported yet.
+process (``rlcourse.threads``: a short OpenMP spin, threads capped to the usable cores) when ``torch`` is not
+imported yet.
 """
 
 import os as _os

@@ -14,12 +14,9 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import time
-
-import torch
 
 from rlcourse.paths import build_dir
 from rlcourse.precision import current as current_precision
