@@ -6,13 +6,69 @@
 
 A notebook's ``parameters`` cell sets ``profile = "auto"``; papermill can override it
 (``-p profile ci``). ``auto`` means ``gpu`` when CUDA is available, else ``cpu``.
+
+Every run size and learning rate of the notebooks lives here: ``Profile`` holds the ones most lessons share,
+and a dataclass per lesson (``IPOSizes``, ``KLStudySizes``, ``OnlineSizes``) the ones only one lesson uses. A
+notebook's parameters cell may override some of them; its ``None`` means "the profile's".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
+
+
+@dataclass(frozen=True)
+class IPOSizes:
+    """Lesson 06's runs on deterministic preferences (DPO and IPO, ours and TRL's)."""
+
+    steps: int
+    """Optimizer steps of each run."""
+    batch_size: int
+    """Pairs per optimizer step."""
+    n_pairs: int
+    """Distinct pairs in the deterministic dataset; each is seen every ``n_pairs / batch_size`` steps."""
+
+
+@dataclass(frozen=True)
+class KLStudySizes:
+    """Lesson 10's study of the KL estimators and its exact toy problem."""
+
+    n_prompts: int
+    """Held-out prompts the estimators are compared on."""
+    samples_per_prompt: int
+    """Completions sampled per prompt: the estimators' bias and spread are measured over them."""
+    max_new_tokens: int
+    """Longest sampled completion in tokens."""
+    toy_steps: int
+    """Adam steps of the exact toy problem (a categorical policy over a few tokens)."""
+    toy_learning_rate: float
+    """Adam learning rate of the toy problem's logits."""
+
+
+@dataclass(frozen=True)
+class OnlineSizes:
+    """An online RL lesson's run (11 RLOO, 12 GRPO): each optimizer step trains on prompts_per_step × G completions."""
+
+    num_generations: int
+    """G, completions sampled per prompt."""
+    prompts_per_step: int
+    """Prompts per optimizer step."""
+    max_new_tokens: int
+    """Longest completion in tokens, in the rollouts and in the evaluation."""
+    learning_rate: float
+    """AdamW learning rate of the RL runs (ours and TRL's)."""
+    warm_start_steps: int
+    """SFT steps on the task's demonstrations before RL (0: RL from the base model)."""
+    warm_start_learning_rate: float
+    """AdamW learning rate of that SFT warm start."""
+    n_eval: int
+    """Held-out prompts of the gold evaluation and of the probes."""
+    eval_samples: int
+    """Completions sampled per held-out prompt: gold is their mean, the expected reward RL maximises."""
+    extra_seeds: int
+    """Runs per side beyond the first, with seeds seed+1..: the run-to-run noise a gain must clear (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -26,9 +82,9 @@ class Profile:
     max_length: int
     """Longest prompt + completion in tokens for training; longer examples are truncated."""
     max_new_tokens: int
-    """Tokens generated per completion in evaluation and in online methods."""
+    """Tokens generated per completion in evaluation (the online lessons use their own, ``OnlineSizes``)."""
     n_eval: int
-    """Held-out prompts used for the gold evaluation."""
+    """Held-out prompts used for the gold evaluation (the online lessons use their own, ``OnlineSizes``)."""
     n_train: int
     """Training examples drawn from the task's training split."""
     learning_rate: float
@@ -39,15 +95,57 @@ class Profile:
     """Steps between checkpoints of our loop (adapter, optimizer, metrics)."""
     probe_every: int
     """Steps between probes of gold reward and KL on held-out prompts during training (0 and the end always)."""
+    preference_learning_rate: float
+    """AdamW learning rate of the preference runs in lessons 05–09 (DPO to KTO), in place of ``learning_rate``."""
+    forward_timing_repeats: int
+    """Timed forwards per configuration in lesson 03's memory and speed table; the fastest counts."""
+    step_cost_repeats: int
+    """Timed steps per method in lesson 07's cost of a reference model (``rlcourse.measure.step_cost``); the median
+    counts."""
+    # One lesson's sizes each; left out of the repr because each lesson prints its own.
+    ipo: IPOSizes = field(repr=False)
+    """Lesson 06's IPO and DPO runs."""
+    kl_penalty: KLStudySizes = field(repr=False)
+    """Lesson 10's estimator study and toy problem."""
+    rloo: OnlineSizes = field(repr=False)
+    """Lesson 11's RLOO runs."""
+    grpo: OnlineSizes = field(repr=False)
+    """Lesson 12's GRPO runs."""
 
+
+# Online RL (lessons 11 and 12): each step trains on prompts_per_step × num_generations completions.
+_ONLINE = {
+    "ci": OnlineSizes(num_generations=2, prompts_per_step=1, max_new_tokens=8, learning_rate=2e-4, warm_start_steps=2,
+                      warm_start_learning_rate=5e-4, n_eval=6, eval_samples=2, extra_seeds=1),
+    "cpu": OnlineSizes(num_generations=8, prompts_per_step=4, max_new_tokens=16, learning_rate=2e-4,
+                       warm_start_steps=30, warm_start_learning_rate=5e-4, n_eval=100, eval_samples=4, extra_seeds=2),
+    "gpu": OnlineSizes(num_generations=8, prompts_per_step=8, max_new_tokens=16, learning_rate=2e-4,
+                       warm_start_steps=60, warm_start_learning_rate=5e-4, n_eval=100, eval_samples=8, extra_seeds=2),
+}
 
 PROFILES = {
     "ci": Profile("ci", steps=3, batch_size=2, max_length=96, max_new_tokens=24, n_eval=6, n_train=12,
-                  learning_rate=2e-4, eval_batch_size=6, checkpoint_every=2, probe_every=3),
+                  learning_rate=2e-4, eval_batch_size=6, checkpoint_every=2, probe_every=3,
+                  preference_learning_rate=5e-4, forward_timing_repeats=1, step_cost_repeats=2,
+                  ipo=IPOSizes(steps=3, batch_size=4, n_pairs=8),
+                  kl_penalty=KLStudySizes(n_prompts=2, samples_per_prompt=4, max_new_tokens=16, toy_steps=300,
+                                        toy_learning_rate=0.05),
+                  rloo=_ONLINE["ci"], grpo=_ONLINE["ci"]),
     "cpu": Profile("cpu", steps=40, batch_size=8, max_length=128, max_new_tokens=48, n_eval=48, n_train=320,
-                   learning_rate=2e-4, eval_batch_size=16, checkpoint_every=10, probe_every=10),
+                   learning_rate=2e-4, eval_batch_size=16, checkpoint_every=10, probe_every=10,
+                   preference_learning_rate=5e-4, forward_timing_repeats=3, step_cost_repeats=5,
+                   ipo=IPOSizes(steps=60, batch_size=4, n_pairs=8),
+                   kl_penalty=KLStudySizes(n_prompts=8, samples_per_prompt=32, max_new_tokens=48, toy_steps=3000,
+                                         toy_learning_rate=0.05),
+                   # GRPO: 5 runs a side (extra_seeds=4); with 3, our loop's gain did not clear the run-to-run noise
+                   rloo=_ONLINE["cpu"], grpo=replace(_ONLINE["cpu"], extra_seeds=4)),
     "gpu": Profile("gpu", steps=150, batch_size=16, max_length=192, max_new_tokens=64, n_eval=200, n_train=2400,
-                   learning_rate=1e-4, eval_batch_size=64, checkpoint_every=50, probe_every=30),
+                   learning_rate=1e-4, eval_batch_size=64, checkpoint_every=50, probe_every=30,
+                   preference_learning_rate=5e-4, forward_timing_repeats=3, step_cost_repeats=5,
+                   ipo=IPOSizes(steps=60, batch_size=4, n_pairs=8),
+                   kl_penalty=KLStudySizes(n_prompts=32, samples_per_prompt=64, max_new_tokens=64, toy_steps=3000,
+                                         toy_learning_rate=0.05),
+                   rloo=_ONLINE["gpu"], grpo=_ONLINE["gpu"]),
 }
 
 
