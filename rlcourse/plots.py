@@ -1,4 +1,5 @@
-"""Figures every notebook draws: our curves over TRL's, and gold before/after. Saved as PNG beside the run."""
+"""Figures every notebook draws: our curves over TRL's, gold before/after, and a reward model's scores against
+the gold ones. Saved as PNG beside the run."""
 
 from __future__ import annotations
 
@@ -72,6 +73,24 @@ def gains_by_run(summaries: dict[str, dict], baseline: str, title: str = "", pat
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_scores_vs_gold(results: dict[str, "HeldOut"], path: str | Path | None = None):  # noqa: F821
+    """One scatter panel per reward model: RM score against gold score of every held-out completion.
+    ``results``: name -> ``rlcourse.reward_eval.HeldOut``."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        ax.scatter(res.gold_chosen, res.chosen, s=14, label="chosen", alpha=0.7)
+        ax.scatter(res.gold_rejected, res.rejected, s=14, marker="x", label="rejected", alpha=0.7)
+        ax.set_title(f"{name}: acc {res.accuracy:.2f}, ρ {res.spearman:+.2f}", fontsize=10)
+        ax.set_xlabel("gold score")
+        ax.set_ylabel("RM score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -28,15 +28,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the package, also when it is not installed into this interpreter
+from rlcourse.paths import build_root  # noqa: E402
+
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL_NAME = "rlcourse"
 FIGURE_SUFFIXES = {".png", ".svg", ".pdf", ".jpg", ".jpeg", ".gif"}
 RESULT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".md", ".txt", ".html"}
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def build_root() -> Path:
-    return Path(os.environ.get("RLCOURSE_BUILD", ROOT / "build")).resolve()
 
 
 def discover(patterns: list[str] | tuple[str, ...] = ()) -> list[Path]:
@@ -111,7 +110,6 @@ def resolve_profile(name: str) -> str:
     """``auto`` becomes the profile the notebooks would pick on this machine (gpu with CUDA, else cpu)."""
     if name != "auto":
         return name
-    sys.path.insert(0, str(ROOT))
     from rlcourse.profiles import get_profile
 
     return get_profile("auto").name

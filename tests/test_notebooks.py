@@ -12,6 +12,7 @@ Skip them with ``pytest -m "not notebook"``; run one with ``pytest -k 01_sft``.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import run_notebooks  # noqa: E402
 
+from rlcourse.paths import build_root  # noqa: E402
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-OUT = ROOT / "build" / "notebooks" / "ci"
+OUT = build_root() / "notebooks" / "ci"
 CELL_TIMEOUT = 900
 """Seconds a single cell may run in the ci profile before the test fails."""
 
@@ -33,7 +36,7 @@ def ci_run():
     """Run a notebook like the course does, in the ci profile; fail the test with the cell's error."""
     from papermill.exceptions import PapermillExecutionError
 
-    kernel = run_notebooks.ensure_kernel(ROOT / "build" / "jupyter")
+    kernel = run_notebooks.ensure_kernel(build_root() / "jupyter")
 
     def run(path: Path, cwd: Path | None = None, parameters: dict | None = None):
         out = OUT / path.name
@@ -43,7 +46,7 @@ def ci_run():
         except PapermillExecutionError as exc:
             err = run_notebooks.describe_error(exc)
         # Outside the except block, so pytest shows the notebook's error and not papermill's internals.
-        pytest.fail(f"{path.name} failed in cell {err['cell']} of the executed copy {out.relative_to(ROOT)}:\n"
+        pytest.fail(f"{path.name} failed in cell {err['cell']} of the executed copy {os.path.relpath(out, ROOT)}:\n"
                     f"{err['error']}\n{err['traceback']}", pytrace=False)
 
     return run

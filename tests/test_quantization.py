@@ -1,9 +1,8 @@
-"""rlcourse.quantization against bitsandbytes and peft (the outside references) and against its own math.
+"""rlcourse.quantization against bitsandbytes and peft (the outside references) and against its own math, and
+what rlcourse.measure counts for a 4-bit layer. The measurements on a model: tests/test_measure.py.
 
-No real model is loaded: random tensors, single bitsandbytes layers and the tiny 2-layer model.
+No real model is loaded: random tensors and single bitsandbytes layers.
 """
-
-import sys
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -11,20 +10,10 @@ import pytest
 import torch
 
 from rlcourse.exercises.qlora import check_lora_forward, check_quantize_nf4_blockwise
-from rlcourse.models import LoraSettings, tiny_model
-from rlcourse.quantization import (adamw_step, compute_dtype, count_parameters, dequantize_nf4_blockwise,
-                                   eval_batches, logits_difference, lora_forward, nf4_bits_per_parameter,
-                                   nf4_levels, nf4_levels_from_quantiles, nll_per_token, peak_memory,
-                                   prose_paragraphs, quantize_nf4_blockwise, weight_memory_bytes)
-
-CHAT = [
-    {"prompt": [{"role": "user", "content": "Name a primary colour."}],
-     "completion": [{"role": "assistant", "content": "Red."}]},
-    {"prompt": [{"role": "user", "content": "What is two plus two?"}],
-     "completion": [{"role": "assistant", "content": "Two plus two is four."}]},
-    {"prompt": [{"role": "user", "content": "Say hello."}],
-     "completion": [{"role": "assistant", "content": "Hello!"}]},
-]
+from rlcourse.measure import count_parameters, weight_memory_bytes
+from rlcourse.quantization import (adamw_step, compute_dtype, dequantize_nf4_blockwise, lora_forward,
+                                   nf4_bits_per_parameter, nf4_levels, nf4_levels_from_quantiles,
+                                   quantize_nf4_blockwise)
 
 
 def _linear4bit(weight: torch.Tensor, double_quant: bool = False, dtype=torch.float32) -> bnb.nn.Linear4bit:
@@ -96,19 +85,6 @@ def test_weight_memory_and_parameter_count_of_a_4bit_layer():
     assert weight_memory_bytes(torch.nn.Linear(64, 128, bias=False)) == 128 * 64 * 4
 
 
-def test_weight_memory_counts_tied_weights_once_and_filters_modules(tokenizer):
-    model = tiny_model(tokenizer)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    params = {id(p): p for p in model.parameters()}
-    buffers = {id(b): b for b in model.buffers()}
-    expected = sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
-    assert weight_memory_bytes(model) == expected
-    q = model.model.layers[0].self_attn.q_proj
-    assert weight_memory_bytes(model, ["model.layers.0.self_attn.q_proj"]) == q.weight.numel() * 4
-    assert weight_memory_bytes(model, ["model.layers.0"]) == sum(
-        p.numel() * 4 for p in model.model.layers[0].parameters())
-
-
 def test_lora_forward_matches_peft_lora_linear():
     from peft import LoraConfig, get_peft_model
 
@@ -148,18 +124,6 @@ def test_lora_with_zero_B_is_the_base_layer():
     torch.testing.assert_close(lora_forward(x, W, A, torch.zeros(5, 3), alpha=16, r=3), x @ W.T)
 
 
-def test_count_parameters_of_a_tiny_peft_model(tokenizer):
-    lora = LoraSettings(r=4)
-    model = tiny_model(tokenizer, lora=lora)
-    trainable, total = count_parameters(model)
-    assert (trainable, total) == model.get_nb_trainable_parameters()
-    linears = [m for n, m in model.base_model.model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "lora_" not in n and n != "lm_head"]
-    assert trainable == sum(lora.r * (m.in_features + m.out_features) for m in linears)
-    base_total = count_parameters(tiny_model(tokenizer))[1]
-    assert total == base_total + trainable
-
-
 def test_adamw_step_matches_torch():
     g = torch.Generator().manual_seed(0)
     ours = [torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(7, generator=g).requires_grad_()]
@@ -185,38 +149,6 @@ def test_first_adamw_step_moves_every_parameter_by_about_lr():
     torch.testing.assert_close((p.detach() - before).abs(), torch.full((1000,), 1e-3), atol=1e-5, rtol=0)
 
 
-def test_nll_per_token_is_the_sft_loss(tokenizer):
-    from rlcourse.logprobs import forward_logprobs
-    from rlcourse.losses.sft import sft_loss
-
-    model = tiny_model(tokenizer)
-    batch = next(eval_batches(tokenizer, CHAT, batch_size=len(CHAT)))
-    with torch.no_grad():
-        out = forward_logprobs(model, batch)
-        expected = sft_loss(out["logps"], out["mask"]).item()
-    # in batches of 2 (padding differs) the token-level mean is the same
-    assert nll_per_token(model, tokenizer, CHAT, batch_size=2) == pytest.approx(expected, rel=1e-5)
-
-
-def test_prose_paragraphs_are_plain_text_and_score_every_token(tokenizer):
-    texts = prose_paragraphs()
-    assert len(texts) >= 20 and len(set(texts)) == len(texts)
-    assert all(len(t.split()) >= 40 and ">>>" not in t and "\n" not in t for t in texts)
-    batch = next(eval_batches(tokenizer, [{"prompt": "", "completion": t} for t in texts[:2]], batch_size=2))
-    assert torch.equal(batch["completion_mask"], batch["attention_mask"])  # no prompt: every token counts
-
-
-def test_logits_difference_zero_for_identical_models_and_positive_otherwise(tokenizer):
-    a, b = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=0)
-    batch = next(eval_batches(tokenizer, CHAT, batch_size=3))
-    same = logits_difference(a, b, batch)
-    assert same["max_abs"] == 0 and same["kl"] == pytest.approx(0, abs=1e-7) and same["top1_agreement"] == 1
-    with torch.no_grad():
-        b.model.layers[0].mlp.down_proj.weight.add_(0.05)
-    diff = logits_difference(a, b, batch)
-    assert diff["kl"] > 0 and diff["max_abs"] >= diff["mean_abs"] > 0
-
-
 def test_compute_dtype_switches_and_restores():
     layer = _linear4bit(torch.randn(32, 64), dtype=torch.bfloat16)
     net = torch.nn.Sequential(layer)
@@ -227,21 +159,6 @@ def test_compute_dtype_switches_and_restores():
     assert layer.compute_dtype == torch.bfloat16
     W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     torch.testing.assert_close(exact, x @ W.T)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak_memory reads /proc (Linux)")
-def test_peak_memory_sees_each_call_separately():
-    def allocate(mb):
-        def fn():
-            t = torch.ones(mb * 2**20 // 4)  # touched, so resident
-            return float(t[-1])
-        return fn
-
-    _, big = peak_memory(allocate(200))
-    _, small = peak_memory(allocate(20))
-    assert big["peak_increase"] >= 180 * 2**20
-    # unlike ru_maxrss, a later, smaller computation is not hidden behind the earlier peak
-    assert small["peak_increase"] < 100 * 2**20
 
 
 def test_exercise_checkers_accept_the_right_answer_and_reject_wrong_ones():
