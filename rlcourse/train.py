@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlcourse.batches import Batch
 from rlcourse.metrics import MetricsLog
 from rlcourse.models import as_trl_trains, is_quantized
 from rlcourse.precision import current as current_precision
@@ -59,11 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def batch_indices(step: int, batch_size: int, n: int) -> list[int]:
-    """Rows of step ``step`` when walking the (pre-shuffled) data in order, wrapping around at the end."""
-    return [(step * batch_size + i) % n for i in range(batch_size)]
 
 
 def _rng_state() -> dict:
@@ -149,8 +145,8 @@ def _load_checkpoint(out_dir: Path, model, optimizer, config: TrainConfig,
 
 def train(
     model,
-    batches: Callable[[int], dict],
-    step_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    batches: Callable[[int], Batch],
+    step_fn: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict]],
     config: TrainConfig,
     out_dir: str | Path,
     resume: bool = True,
@@ -160,7 +156,7 @@ def train(
 ) -> MetricsLog:
     """Train ``model``'s trainable parameters; return the per-step metrics (also saved under ``out_dir``).
 
-    batches(step) -> the collated batch of that step. step_fn(model, batch) -> (loss, metrics dict); a step_fn
+    batches(step) -> the batch of that step (``rlcourse.batches``; a method module's ``batches``). step_fn(model, batch) -> (loss, metrics dict); a step_fn
     with state of its own exposes ``state_dict()`` / ``load_state_dict()``, which checkpoints save and restore.
     Checkpoints hold every adapter of the model, so a reference adapter that training moves resumes too.
     With ``resume`` an unfinished run in ``out_dir`` continues from its last checkpoint, and a finished one

@@ -4,7 +4,9 @@
 - ``validator``: ``validate`` (every problem of a dataset in one error) and ``token_lengths``;
 - ``convert``: ``to_standard`` (chat template), ``unpair`` / ``pair``, ``extract_prompt`` /
   ``to_implicit_prompt``, ``to_language_modeling`` / ``to_prompt_completion``, ``to_prompt_only``;
-- ``examples``: one example per format, random valid examples, a gallery of malformed datasets.
+- ``examples``: one example per format, random valid examples, a gallery of malformed datasets;
+- ``unpaired`` (lesson 09: ``unpaired_rows``, ``flip_pairs``) and ``deterministic`` (lesson 06's
+  ``deterministic_preferences``): the datasets the lessons build from the tasks' pairs.
 
 TRL's own functions (``trl.is_conversational``, ``trl.maybe_apply_chat_template``,
 ``trl.unpair_preference_dataset``, ``trl.extract_prompt``) are the reference our versions are tested against.
@@ -21,6 +23,7 @@ from .convert import (
     to_standard,
     unpair,
 )
+from .deterministic import deterministic_preferences
 from .examples import EXAMPLES, Malformed, malformed_gallery, random_example
 from .formats import (
     ALL_FORMATS,
@@ -32,11 +35,12 @@ from .formats import (
     detect_format,
     is_conversational,
 )
+from .unpaired import flip_pairs, unpaired_rows
 from .validator import token_lengths, validate
 
 __all__ = [
     "ALL_FORMATS", "EXAMPLES", "ROLES", "DatasetFormatError", "Format", "Kind", "Malformed", "Problem", "as_rows",
     "detect_format", "extract_prompt", "is_conversational", "malformed_gallery", "pair", "random_example",
     "to_implicit_prompt", "to_language_modeling", "to_prompt_completion", "to_prompt_only", "to_standard",
-    "token_lengths", "unpair", "validate",
+    "token_lengths", "unpair", "validate", "deterministic_preferences", "flip_pairs", "unpaired_rows",
 ]

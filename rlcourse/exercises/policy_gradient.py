@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from rlcourse.exercises._check import compare
-from rlcourse.losses.policy_gradient import grpo_advantages, grpo_loss, rloo_advantages
+from rlcourse.losses.grpo import grpo_advantages, grpo_loss
+from rlcourse.losses.rloo import rloo_advantages
 
 
 def _rewards(g: torch.Generator) -> dict:

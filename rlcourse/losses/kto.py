@@ -13,7 +13,7 @@ one below it, and both saturate (the gradient vanishes as |r − z₀| grows), u
 
 z₀ = KL(π_θ(y'|x) ‖ π_ref(y'|x)) is the policy's expected reward. The paper estimates it without sampling, from
 *mismatched* pairs: inside a batch, pair each prompt x_i with another example's completion y_j and average
-log π_θ(y_j|x_i)/π_ref(y_j|x_i) (``mismatched_completions`` builds the pairs, ``kto_reference_point`` the estimate).
+log π_θ(y_j|x_i)/π_ref(y_j|x_i) (``rlcourse.batches.mismatched_completions`` builds the pairs, ``kto_reference_point`` the estimate).
 
 The ladder step from DPO: the rejected completion of the same prompt, DPO's reference for y_w, is replaced by a
 batch-level reference point z₀; that is what lets the data be unpaired.
@@ -37,33 +37,18 @@ Departures, to match TRL 1.16's ``KTOTrainer`` (``loss_type="kto"``):
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from rlcourse.losses._validate import same_shape_1d
 
-T = TypeVar("T")
-
-
-def mismatched_completions(completions: Sequence[T]) -> list[T]:
-    """The completions of a batch rotated by one, for the KL estimate: [y_B, y_1, ..., y_{B−1}].
-
-    Pairing prompt i with the result, x_i gets y_{i−1} (and x_1 gets y_B): every completion of the batch is used
-    once, never with its own prompt (for B ≥ 2), as TRL's ``KTOTrainer`` builds its ``KL_completion_ids``.
-    """
-    if len(completions) < 2:
-        raise ValueError(f"a batch of {len(completions)} example(s) has no mismatched pair: KTO's KL estimate needs "
-                         "batch_size ≥ 2 (TRL refuses per_device_train_batch_size=1 for the same reason).")
-    return [completions[-1], *completions[:-1]]
-
 
 def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     """ẑ₀ = max(0, mean_i [log π_θ(y'_i|x_i) − log π_ref(y'_i|x_i)]), with no gradient   (KTO's KL estimate).
 
     policy_kl_logps, ref_kl_logps: (B,) summed completion log-probs of the *mismatched* pairs (x_i, y'_i)
-    (``mismatched_completions``) under π_θ and π_ref. Returns a scalar ≥ 0, detached.
+    (``rlcourse.batches.mismatched_completions``) under π_θ and π_ref. Returns a scalar ≥ 0, detached.
     """
     same_shape_1d(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
     return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)

@@ -1,47 +1,62 @@
-"""Supervised fine-tuning on prompt-completion data with a completion-only loss (NLL or DFT).
+"""Supervised fine-tuning on prompt-completion rows with a completion-only loss: NLL, or DFT (lesson 01).
 
-The loss itself lives in ``rlcourse.losses.sft``; this module tokenizes the data the way TRL's
-SFTTrainer does and turns a batch into (loss, metrics) for ``rlcourse.train.train``.
+The loss lives in ``rlcourse.losses.sft``; rows are tokenised as TRL's SFTTrainer does
+(``rlcourse.tokenization.tokenize_sft``) and walked in order as ``Sequences`` batches.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from rlcourse.logprobs import collate, forward_logprobs, tokenize_prompt_completion
+from rlcourse.batches import SequenceBatches, Sequences
+from rlcourse.logprobs import forward_logprobs, masked_token_mean
 from rlcourse.losses.sft import dft_loss, sft_loss
-from rlcourse.train import batch_indices
+from rlcourse.tokenization import tokenize_sft
 
 
-def tokenize_dataset(dataset, tokenizer) -> list[dict]:
-    """Each prompt-completion row as ``input_ids`` + ``completion_mask``, in dataset order."""
-    return [tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"]) for row in dataset]
+@dataclass(frozen=True)
+class Settings:
+    """SFT's one option; TRL's name in brackets (``SFTConfig``)."""
+
+    dft: bool = False
+    """Dynamic Fine-Tuning [``loss_type="dft"``]: each token's NLL weighted by its stop-gradient probability."""
 
 
-def batch_fn(tokenized: list[dict], batch_size: int, pad_token_id: int, max_length: int):
-    """step -> collated batch, walking the rows in order (TRL's ``train_sampling_strategy="sequential"``)."""
-    return lambda step: collate([tokenized[i] for i in batch_indices(step, batch_size, len(tokenized))],
-                                pad_token_id, max_length)
+def trl_classes():
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer, SFTConfig
 
 
-def sft_step(model, batch: dict, dft: bool = False) -> tuple[torch.Tensor, dict]:
+def batches(rows, tokenizer, batch_size: int, max_length: int | None) -> SequenceBatches:
+    """step -> ``Sequences`` of that step's prompt-completion rows, in order (TRL's sequential sampler)."""
+    return SequenceBatches(tokenize_sft(rows, tokenizer), batch_size, tokenizer.pad_token_id, max_length)
+
+
+def sft_step(model, batch: Sequences, settings: Settings = Settings()) -> tuple[torch.Tensor, dict]:
     """One SFT step's loss and the metrics TRL's SFTTrainer logs (entropy, token accuracy, tokens)."""
     out = forward_logprobs(model, batch, with_stats=True)  # moves the batch to the model's device
     mask = out["mask"]
-    loss = (dft_loss if dft else sft_loss)(out["logps"], mask)
-    n = mask.sum().clamp(min=1)
+    loss = (dft_loss if settings.dft else sft_loss)(out["logps"], mask)
     metrics = {
-        "entropy": (out["entropy"] * mask).sum() / n,
-        "mean_token_accuracy": (out["is_top1"] * mask).sum() / n,
+        "entropy": masked_token_mean(out["entropy"], mask),
+        "mean_token_accuracy": masked_token_mean(out["is_top1"], mask),
         "completion_tokens": mask.sum(),
     }
     return loss, metrics
 
 
-def step_fn(dft: bool = False):
-    return partial(sft_step, dft=dft)
+def step_fn(settings: Settings = Settings()):
+    """``sft_step`` with its settings bound, for ``rlcourse.train.train``."""
+    return partial(sft_step, settings=settings)
+
+
+def trl_kwargs(settings: Settings, max_length: int | None) -> dict:
+    """The ``SFTConfig`` options that make TRL's run match ours: completion-only loss, the same loss and truncation."""
+    return dict(max_length=max_length, completion_only_loss=True, loss_type="dft" if settings.dft else "nll")
 
 
 def warm_start(model, tokenizer, task, steps: int, batch_size: int, learning_rate: float, out_dir,
@@ -56,7 +71,7 @@ def warm_start(model, tokenizer, task, steps: int, batch_size: int, learning_rat
     from rlcourse.train import TrainConfig, train
 
     rows = task.sft("train").shuffle(seed=seed)
-    batches = batch_fn(tokenize_dataset(rows, tokenizer), batch_size, tokenizer.pad_token_id, max_length)
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          checkpoint_every=max(steps, 1))
-    return train(model, batches, step_fn(), config, out_dir, resume=True, progress=False)
+    return train(model, batches(rows, tokenizer, batch_size, max_length), step_fn(), config, out_dir, resume=True,
+                 progress=False)

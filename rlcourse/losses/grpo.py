@@ -1,29 +1,21 @@
-"""Policy-gradient losses for online RL, as a ladder: each function adds one idea to the one before.
+"""GRPO's losses (lesson 12): the rungs the policy-gradient ladder of ``rlcourse.losses.rloo`` adds.
 
-1. ``reinforce_loss``: REINFORCE (Williams 1992): push up log π(y|x) in proportion to an advantage A.
-2. ``rloo_advantages``: RLOO's baseline, the mean reward of the *other* G-1 samples of the same prompt
-   (Kool et al. 2019; Ahmadian et al. 2024).
-3. RLOO's KL brake, a sequence-level penalty β·Σ_t (log π_θ − log π_ref) taken off the reward before the
-   baseline (k1 summed over tokens): ``rlcourse.kl.kl_penalized_rewards`` (lesson 10), used as is.
-4. ``reinforce_pp_advantages``: REINFORCE++'s global normalisation of the advantages over the whole batch
-   (Hu 2025), TRL's ``normalize_advantages=True``.
-5. ``rloo_loss``: the loss TRL's RLOOTrainer minimises: REINFORCE with a PPO-style clipped *sequence* ratio.
-   With one update per batch (old log-probs = current ones, detached) its gradient is REINFORCE's.
 6. ``grpo_advantages``: GRPO's group-relative advantage, (r − mean_group) / (std_group + 1e-4), with the
    scale options ``"group"`` (GRPO), ``"batch"`` and ``"none"`` (Dr. GRPO).
 7. ``grpo_loss``: GRPO's clipped *per-token* surrogate with a k3 KL term (Shao et al. 2024, Eq. 3), plus
-   the variants TRL exposes: clip-higher (``clip_eps_high``, DAPO), GSPO's sequence-level importance ratio,
-   and the four loss aggregations ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``dapo``.
+   the variants TRL exposes: clip-higher (``clip_eps_high``, DAPO), GSPO's sequence-level importance ratio
+   (``importance_ratio``), and the four loss aggregations ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``dapo``
+   (``aggregate_loss``). ``clip_fractions`` measures how often the clip switched a token off.
 
-Shapes (course/notation.md): B·G completions in a step, laid out prompt by prompt (row iG + k is prompt
-i's k-th sample); C completion tokens after right padding. Per-token tensors here are (B·G, C) and cover
+Shapes (course/notation.md): N = B·G completions in a step, laid out prompt by prompt (row iG + k is prompt
+i's k-th sample); C completion tokens after right padding. Per-token tensors here are (N, C) and cover
 completion tokens only, as TRL's are.
 
 Departures from the papers, all of them TRL 1.16's choices (so the parity tests can hold us to TRL):
 - the group std is the unbiased one (Bessel's correction) and gets +1e-4, not a tiny ε;
-- GRPO's KL term is k3 (``rlcourse.kl.kl_k3``) and, by default, is multiplied by the importance ratio
-  (``kl_bias_correction``, DeepSeek-V3.2), which changes its gradient even at ratio 1;
-- RLOO's importance ratio is over the *summed* sequence log-prob, GSPO's over the *mean*;
+- GRPO's KL term is k3 (lesson 10's ``rlcourse.kl.kl_loss_term``) and, by default, is multiplied by the
+  importance ratio (``kl_bias_correction``, DeepSeek-V3.2), which changes its gradient even at ratio 1;
+- GSPO's ratio is over the *mean* token log-ratio of a sequence;
 - ``dapo`` divides by the tokens of the whole generation batch (``num_items``); with one generation
   batch per optimizer step and no accumulation, as in this course, that equals ``bnpo``.
 """
@@ -32,64 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from rlcourse.kl import kl_k3
+from rlcourse.kl import kl_loss_term
 
 SCALE_REWARDS = ("group", "batch", "none")
 """What GRPO divides the centred rewards by: the group's std, the whole batch's std, or nothing."""
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 """How GRPO aggregates per-token losses into one number (see ``aggregate_loss``)."""
-
-
-def reinforce_loss(seq_logps: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """REINFORCE: L = −(1/N) Σ_i A_i log π_θ(y_i | x_i)   (Williams 1992, Eq. 11, as a loss to minimise).
-
-    seq_logps: (N,) summed completion log-probs log π_θ(y_i|x_i), with gradient; advantages: (N,) A_i,
-    treated as constants. Returns a scalar whose gradient is the policy-gradient estimate.
-    """
-    return -(advantages.detach() * seq_logps).mean()
-
-
-def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """Leave-one-out advantage: A_i = r_i − (1/(G−1)) Σ_{j≠i} r_j within each prompt's group.
-
-    Kool, van Hoof, Welling 2019 ("Buy 4 REINFORCE samples, get a baseline for free!"); Ahmadian et al.
-    2024, Eq. 6. rewards: (B·G,) laid out prompt by prompt; num_generations: G ≥ 2. Returns (B·G,).
-    The baseline of sample i never sees r_i, so it adds no bias; the advantages of a group sum to zero.
-    """
-    if num_generations < 2:
-        raise ValueError(f"RLOO needs num_generations >= 2 (got {num_generations}): the baseline is the others' mean")
-    grouped = rewards.view(-1, num_generations)  # (B, G)
-    baseline = (grouped.sum(1, keepdim=True) - grouped) / (num_generations - 1)  # (B, G)
-    return (grouped - baseline).view(-1)  # (B·G,)
-
-
-def reinforce_pp_advantages(advantages: torch.Tensor) -> torch.Tensor:
-    """REINFORCE++'s global normalisation: (A − mean(A)) / (std(A) + 1e-4) over the whole batch.
-
-    Hu 2025, "REINFORCE++", Sec. 3 (advantage normalisation across the global batch instead of per
-    prompt). advantages: (N,). Returns (N,), with zero mean and (almost) unit std; std is unbiased, as TRL's.
-    """
-    return (advantages - advantages.mean()) / (advantages.std() + 1e-4)
-
-
-def rloo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_eps: float = 0.2, clip_eps_high: float | None = None) -> torch.Tensor:
-    """RLOO as TRL's RLOOTrainer optimises it: a clipped *sequence*-level surrogate, averaged over sequences.
-
-        ρ_i = exp(log π_θ(y_i|x) − log π_θ_old(y_i|x)),   L = −(1/N) Σ_i min(ρ_i A_i, clip(ρ_i, 1−ε, 1+ε_high) A_i)
-
-    (Ahmadian et al. 2024 use the plain REINFORCE loss; the clip is TRL's, for reusing a batch.)
-    logps: (N, C) per-token log π_θ with gradient; old_logps: (N, C) of the sampling policy; advantages:
-    (N,) A; mask: (N, C) m; clip_eps: ε; clip_eps_high: ε_high (None: ε). Returns a scalar.
-    With old_logps = logps.detach(), ρ = 1 and the gradient equals ``reinforce_loss``'s.
-    """
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    seq = (logps * mask).sum(-1)  # (N,)
-    old_seq = (old_logps * mask).sum(-1)  # (N,)
-    ratio = torch.exp(seq - old_seq)  # (N,)
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
-    return -torch.min(ratio * advantages, clipped * advantages).mean()
 
 
 def grpo_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
@@ -185,10 +126,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("beta != 0 needs ref_logps, the reference policy's per-token log-probs")
-        kl = kl_k3(logps, ref_logps)  # (N, C)
-        if kl_bias_correction:
-            kl = kl * ratio
-        per_token = per_token + beta * kl
+        kl = kl_loss_term(logps, ref_logps, beta, ratio=ratio if kl_bias_correction else None)  # (N, C), lesson 10
+        per_token = per_token + kl
     per_token = per_token.expand_as(mask)  # (N, C): a sequence-level term applies to each of its tokens
     return aggregate_loss(per_token, mask, loss_type, max_completion_length, num_items)
 

@@ -1,0 +1,105 @@
+"""GRPO (Shao et al. 2024, lesson 12): group-relative advantages and a clipped per-token loss, on rollouts.
+
+The losses live in ``rlcourse.losses.grpo``; the batches are ``rlcourse.methods.rollouts.Rollouts`` (G completions per
+prompt, scored). The step below is what TRL 1.16's ``GRPOTrainer`` computes with ``num_iterations=1``:
+
+    logp   = log π_θ(completion tokens)  (N, C), with gradient
+    ref    = log π_ref(...) with the adapters off, only when beta != 0
+    A      = grpo_advantages(r)                           # (r − group mean) / (group std + 1e-4)
+    loss   = grpo_loss(logp, logp.detach(), A, mask, ref, ...)   # plus β·k3 when beta != 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from rlcourse.batches import RolloutBatch
+from rlcourse.kl import kl_k3
+from rlcourse.logprobs import masked_token_mean, to_model_device
+from rlcourse.losses.grpo import LOSS_TYPES, SCALE_REWARDS, clip_fractions, grpo_advantages, grpo_loss, importance_ratio
+from rlcourse.methods.rollouts import RolloutSettings, Rollouts, policy_logprobs, rollout_metrics  # noqa: F401
+
+
+@dataclass(frozen=True)
+class Settings:
+    """GRPO's options; the TRL names are in brackets (``GRPOConfig`` fields)."""
+
+    beta: float = 0.0
+    """β [``beta``]: weight of the k3 KL term in the loss (TRL's default 0: no term, no reference forward)."""
+    clip_eps: float = 0.2
+    """ε [``epsilon``]: lower clip of the importance ratio."""
+    clip_eps_high: float | None = None
+    """ε_high [``epsilon_high``]: upper clip (None means ε). DAPO's clip-higher uses 0.28."""
+    loss_type: str = "dapo"
+    """[``loss_type``]: "grpo", "bnpo", "dr_grpo" or "dapo" (TRL's default), see ``losses.grpo.aggregate_loss``."""
+    importance_sampling_level: str = "token"
+    """[``importance_sampling_level``]: "token" (GRPO) or "sequence" (GSPO)."""
+    scale_rewards: str = "group"
+    """[``scale_rewards``]: divide centred rewards by the group's std ("group"), the batch's ("batch") or not ("none")."""
+    kl_bias_correction: bool = True
+    """[``use_bias_correction_kl``]: multiply the k3 term by the importance ratio (TRL's default True)."""
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}; choose one of {LOSS_TYPES}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}; choose one of {SCALE_REWARDS}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; choose 'token' or "
+                             "'sequence'")
+
+
+def trl_classes():
+    from trl import GRPOConfig, GRPOTrainer
+
+    return GRPOTrainer, GRPOConfig
+
+
+batches = Rollouts
+"""The online methods' batches: sampled and scored by ``rlcourse.methods.rollouts.Rollouts``."""
+
+
+def advantages(batch: RolloutBatch, settings: Settings, rollout: RolloutSettings) -> torch.Tensor:
+    """GRPO's group-relative advantages of a scored batch, (N,)."""
+    return grpo_advantages(batch.rewards, rollout.num_generations, settings.scale_rewards)
+
+
+def grpo_step(model, batch: RolloutBatch, settings: Settings, rollout: RolloutSettings) -> tuple[torch.Tensor, dict]:
+    """One GRPO step's loss on a scored batch, and the metrics TRL logs under the same names."""
+    batch = to_model_device(model, batch)
+    mask = batch.completion_mask.float()  # (N, C)
+    logps, entropy, ref_logps = policy_logprobs(model, batch, rollout.sampling.temperature, settings.beta)
+    old_logps = logps.detach()  # one update per batch: π_θ_old = π_θ
+    adv = advantages(batch, settings, rollout)
+    loss = grpo_loss(logps, old_logps, adv, mask, ref_logps, settings.beta, settings.clip_eps, settings.clip_eps_high,
+                     settings.importance_sampling_level, settings.loss_type, rollout.sampling.max_new_tokens,
+                     kl_bias_correction=settings.kl_bias_correction)
+    ratio = importance_ratio(logps.detach(), old_logps, mask, settings.importance_sampling_level)
+    clip = clip_fractions(ratio, adv, mask, settings.clip_eps, settings.clip_eps_high)
+    metrics = {f"clip_ratio/{k}": v for k, v in clip.items()}
+    if settings.beta != 0.0:
+        metrics["kl_token"] = masked_token_mean(kl_k3(old_logps, ref_logps), mask)
+    return loss, metrics | rollout_metrics(batch, rollout.num_generations, adv, entropy)
+
+
+def step_fn(settings: Settings, rollout: RolloutSettings):
+    """``grpo_step`` with its settings bound, for ``rlcourse.train.train``."""
+    return partial(grpo_step, settings=settings, rollout=rollout)
+
+
+def trl_kwargs(settings: Settings) -> dict:
+    """The ``GRPOConfig`` options of the loss, set explicitly whatever TRL's defaults (the rollouts' options are
+    ``rollouts.trl_kwargs``; ``rollouts.trl_online_config`` joins the two)."""
+    return dict(beta=settings.beta, epsilon=settings.clip_eps, epsilon_high=settings.clip_eps_high,
+                loss_type=settings.loss_type, importance_sampling_level=settings.importance_sampling_level,
+                scale_rewards=settings.scale_rewards, use_bias_correction_kl=settings.kl_bias_correction)
+
+
+def trl_inputs(batch: RolloutBatch, advantages: torch.Tensor) -> dict:
+    """A scored batch as the inputs dict TRL's ``GRPOTrainer._compute_loss`` expects, with our advantages."""
+    return {"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask, "completion_ids": batch.completion_ids,
+            "completion_mask": batch.completion_mask, "advantages": advantages,
+            "num_items_in_batch": batch.completion_mask.sum()}
