@@ -145,6 +145,21 @@ def win_rate(before: GoldResult, after: GoldResult, seed: int = 0) -> tuple[floa
     return float(outcome.mean()), bootstrap_ci(outcome, seed=seed)
 
 
+def win_rates(results: dict[str, GoldResult], baseline: str = "base", seed: int = 0) -> dict[str, dict]:
+    """``win_rate`` of every result over ``results[baseline]``, printed one line each with the verdict its interval
+    allows; returns {name: {"win_rate": rate, "ci": (lo, hi)}}, for a notebook's results.json."""
+    wins = {}
+    width = max(len(name) for name in results)
+    for name, result in results.items():
+        if name == baseline:
+            continue
+        rate, (lo, hi) = win_rate(results[baseline], result, seed=seed)
+        verdict = "beats" if lo > 0.5 else ("loses to" if hi < 0.5 else "is not distinguishable from")
+        wins[name] = {"win_rate": rate, "ci": (lo, hi)}
+        print(f"{name:>{width}}: win rate vs {baseline} {rate:.3f} [95% CI {lo:.3f}, {hi:.3f}]: {verdict} the {baseline}")
+    return wins
+
+
 def gain_over_runs(before: GoldResult, runs: list[GoldResult], n_boot: int = 2000, seed: int = 0,
                    level: float = 0.95) -> dict:
     """The paired gain over ``before`` of several training runs that differ only in their seeds, averaged.

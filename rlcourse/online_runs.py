@@ -1,0 +1,249 @@
+"""What the online lessons (11 RLOO, 12 GRPO, and the ones after them) run around a method, the same for every
+online method module (``rlcourse.methods.rloo``, ``rlcourse.methods.grpo``), so a notebook keeps only what its lesson
+teaches: the method's settings, its parity check, its plots and variants.
+
+    run = OnlineRun(grpo, task, sizes, P, out, seed)   # policy, held-out prompts, probe, rollout and train configs
+    run.evaluate("base", base=True)                    # gold: sampled (what RL maximises) and greedy
+    start = run.warm_start()                           # SFT on demonstrations, then a frozen "ref" copy of it
+    ours = run.train_ours(settings)                    # our loop
+    trainer = run.trl_trainer(settings)                # TRL's trainer, from the same adapters
+    theirs = run.train_trl(trainer, ours)              # ... trained, with the same probes
+    reruns = run.rerun_with_seeds(settings, seeds)     # the run-to-run noise a gain must clear
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from rlcourse import evaluate
+from rlcourse.methods.rollouts import RolloutSettings, Rollouts, trl_metrics, trl_online_config
+from rlcourse.sampling import SamplingSettings
+
+
+class OnlineRun:
+    """One online lesson's runs: the policy, its held-out gold results, and our and TRL's training of ``method``.
+
+    method: an online method module. sizes: the lesson's ``rlcourse.profiles.OnlineSizes`` (or any object with
+    those fields). P: the profile (steps, batch size, probes, checkpoints). Training prompts are the task's train
+    split shuffled with ``seed``; held-out prompts its first ``sizes.n_eval`` eval prompts. ``gold`` and
+    ``gold_greedy`` collect ``evaluate``'s results by name.
+    """
+
+    def __init__(self, method, task, sizes, P, out, seed: int = 0, temperature: float = 1.0):
+        from rlcourse.models import LoraSettings, load_model, load_tokenizer
+        from rlcourse.probe import make_probe, probe_steps
+        from rlcourse.train import TrainConfig
+
+        self.method, self.task, self.sizes, self.P, self.out, self.seed = method, task, sizes, P, Path(out), seed
+        self.train_rows = task.prompts("train").shuffle(seed=seed)
+        held_out = task.prompts("eval")
+        self.eval_prompts = held_out.select(range(min(sizes.n_eval, len(held_out))))
+        self.tok = load_tokenizer()
+        self.policy = load_model(lora=LoraSettings(), seed=seed)
+        self.greedy = SamplingSettings(max_new_tokens=sizes.max_new_tokens, do_sample=False)
+        self.sampled = SamplingSettings(max_new_tokens=sizes.max_new_tokens, do_sample=True, temperature=1.0)
+        self.gold: dict = {}
+        self.gold_greedy: dict = {}
+        self.start_name = "base"
+        self.rollout = RolloutSettings(
+            num_generations=sizes.num_generations, prompts_per_step=sizes.prompts_per_step,
+            sampling=SamplingSettings(max_new_tokens=sizes.max_new_tokens, do_sample=True, temperature=temperature,
+                                      top_p=1.0))
+        self.train_config = TrainConfig(steps=P.steps, batch_size=self.rollout.completions_per_step,
+                                        learning_rate=sizes.learning_rate, seed=seed,
+                                        checkpoint_every=P.checkpoint_every)
+        self.probe = make_probe(self.tok, task, self.eval_prompts, max_new_tokens=sizes.max_new_tokens,
+                                batch_size=P.eval_batch_size, seed=seed)
+        # ci: one probe, at the end (the step-0 one costs a whole evaluation)
+        self.probe_at = {P.steps} if P.name == "ci" else probe_steps(P.steps, every=P.probe_every)
+        self.rollouts: Rollouts | None = None
+        self.initial_adapters: dict | None = None
+        self.logs: dict = {}  # "ours", "TRL": the main runs' logs
+        self.summary: dict = {}  # "sampled", "greedy": evaluate.report's, once ``report`` ran
+        self.seeds: list[int] = []
+        self.noise: dict = {}  # evaluate.report_runs', once ``rerun_with_seeds`` ran
+        self.label = method.__name__.rsplit(".", 1)[-1].upper()  # "RLOO", "GRPO": plot titles
+
+    def sampled_gold(self, base: bool = False):
+        """Gold of the policy as it stands: the mean of ``eval_samples`` samples per held-out prompt."""
+        return evaluate.gold_eval(self.policy, self.tok, self.task, self.eval_prompts, self.sampled,
+                                  self.P.eval_batch_size, base=base, samples=self.sizes.eval_samples)
+
+    def evaluate(self, name: str, base: bool = False) -> None:
+        """Gold on the held-out prompts under ``name``: sampled (the policy's expected reward, what RL maximises)
+        and greedy; ``base``: with the adapters off."""
+        self.gold[name] = self.sampled_gold(base)
+        self.gold_greedy[name] = evaluate.gold_eval(self.policy, self.tok, self.task, self.eval_prompts, self.greedy,
+                                                    self.P.eval_batch_size, base=base)
+        print(f"{name}: sampled {self.gold[name]}   greedy {self.gold_greedy[name]}")
+
+    def warm_start(self) -> str:
+        """SFT on the task's demonstrations (``sizes.warm_start_steps``; none when 0), then a frozen "ref" copy of
+        the SFT adapter, as TRL makes one of the adapter it gets: RL starts from there, with it as the reference.
+        Evaluates the start, remembers the adapters both runs start from, and returns the start's name."""
+        from rlcourse.methods import sft
+        from rlcourse.models import add_reference_adapter, lora_state
+
+        if self.sizes.warm_start_steps:
+            sft.warm_start(self.policy, self.tok, self.task, self.sizes.warm_start_steps, self.P.batch_size,
+                           self.sizes.warm_start_learning_rate, self.out / "warm_start", seed=self.seed)
+            add_reference_adapter(self.policy)
+            self.start_name = "SFT start"
+            self.evaluate(self.start_name)
+        self.initial_adapters = lora_state(self.policy)
+        return self.start_name
+
+    def train_ours(self, settings):
+        """Our loop from the start adapters, with the probes; evaluates the result as "ours". The rollouts are kept
+        in ``self.rollouts`` (their first batch feeds the parity check)."""
+        from rlcourse.train import train
+
+        self.rollouts = Rollouts(self.policy, self.tok, self.train_rows, self.task.reward, self.rollout, seed=self.seed)
+        log = train(self.policy, self.rollouts, self.method.step_fn(settings, self.rollout), self.train_config,
+                    self.out / "ours", resume=False, probe=self.probe, probe_at=self.probe_at)
+        self.evaluate("ours")
+        self.logs["ours"] = log
+        return log
+
+    def trl_trainer(self, settings):
+        """TRL's trainer for the method, on the policy back at the start adapters. TRL makes its own "ref" copy when
+        β ≠ 0; with β = 0 it needs none, but the probes' KL to the reference does, so ours is put back."""
+        from rlcourse.models import REF_ADAPTER, add_reference_adapter, remove_reference_adapter, restore_lora
+        from rlcourse.probe import ProbeCallback
+
+        remove_reference_adapter(self.policy)
+        restore_lora(self.policy, self.initial_adapters)
+        trainer_cls, _ = self.method.trl_classes()
+        self.trl_probe = ProbeCallback(self.probe, self.probe_at - {0})  # step 0: the same adapters as ours
+        trainer = trainer_cls(model=self.policy, reward_funcs=self.task.reward,
+                              args=trl_online_config(self.method, settings, self.rollout, self.train_config,
+                                                     self.out / "trl"),
+                              train_dataset=self.train_rows, processing_class=self.tok, callbacks=[self.trl_probe])
+        if self.sizes.warm_start_steps and REF_ADAPTER not in self.policy.peft_config:
+            add_reference_adapter(self.policy)
+        return trainer
+
+    def train_trl(self, trainer, ours):
+        """Train ``trainer``; its log (per-token KL renamed ``kl_token``) with our step-0 probe and its own probes,
+        saved; evaluates the result as "TRL"."""
+        from rlcourse.trl_runs import run_trl
+
+        start = [{k: ours.at(0)[k] for k in ("step", "gold", "kl")}] if "gold" in ours.at(0) else []
+        log = trl_metrics(run_trl(trainer)).merge(start + self.trl_probe.rows)
+        log.save(self.out / "trl")
+        self.evaluate("TRL")
+        self.logs["TRL"] = log
+        return log
+
+    def report(self) -> tuple[dict, dict]:
+        """The gold results against the start, sampled then greedy (``evaluate.report``), and a look at samples."""
+        print("sampled, the mean of", self.sizes.eval_samples, "samples per held-out prompt (the reward RL maximises):")
+        self.summary["sampled"] = evaluate.report(self.gold, baseline=self.start_name)
+        print("greedy:")
+        self.summary["greedy"] = evaluate.report(self.gold_greedy, baseline=self.start_name)
+        evaluate.show_samples(self.gold_greedy, k=4)
+        return self.summary["sampled"], self.summary["greedy"]
+
+    def rerun_with_seeds(self, settings, seeds) -> tuple[dict, dict]:
+        """Both loops again with each of ``seeds`` (``rerun_with_seeds``); returns the reruns and the gains of all
+        the runs over the start (``evaluate.report_runs``, printed), and plots both: each run's gain, and every
+        run's training reward (``seeds.png``, ``seeds_reward.png``)."""
+        from rlcourse import plots
+
+        reruns = rerun_with_seeds(self.policy, self.tok, self.task, self.method, settings, self.rollout,
+                                  self.train_config, self.initial_adapters, seeds, self.out / "seeds",
+                                  self.sampled_gold)
+        runs_gold = {name: [self.gold[name]] + [g for _, _, g in reruns[name]] for name in ("ours", "TRL")}
+        self.seeds = [self.seed] + list(seeds)
+        print(f"seeds {self.seeds}; gold sampled, {self.sizes.eval_samples} per prompt; gain over {self.start_name}:")
+        self.noise = evaluate.report_runs(self.gold[self.start_name], runs_gold, baseline=self.start_name)
+        plots.gains_by_run(self.noise, self.start_name, f"{self.label}: gold gain of each seed's run",
+                           self.out / "seeds.png")
+        plots.overlay({f"{name} seed {s}": log for name in ("ours", "TRL")
+                       for s, log in [(self.seed, self.logs[name])] + [(s, l) for s, l, _ in reruns[name]]},
+                      ["reward"], f"{self.label}: training reward of every run", self.out / "seeds_reward.png")
+        return reruns, self.noise
+
+    def train_variant(self, name: str, settings, rollout: RolloutSettings, steps: int):
+        """Our loop with other settings (and rollouts) for ``steps`` steps from the start adapters, no probes; the
+        variant's gold (sampled) is taken when the profile is not ``ci`` (there a variant only exercises the code).
+        Returns (log, gold or None)."""
+        from rlcourse.models import restore_lora
+        from rlcourse.train import train
+
+        restore_lora(self.policy, self.initial_adapters)
+        tc = replace(self.train_config, steps=steps, batch_size=rollout.completions_per_step)
+        log = train(self.policy, Rollouts(self.policy, self.tok, self.train_rows, self.task.reward, rollout,
+                                          seed=self.seed),
+                    self.method.step_fn(settings, rollout), tc, self.out / "variants" / name, resume=False,
+                    progress=False)
+        gold = None if self.P.name == "ci" else self.sampled_gold()
+        if gold is not None:
+            print(f"{name:>12}: gold {gold}")
+        return log, gold
+
+    def save_results(self, settings, parity: list, variants: dict, variant_steps: int) -> None:
+        """``results.json``: the sizes, settings, gold (sampled and greedy, against the start), the run-to-run noise,
+        the parity on fixed completions, the KL at the end and the variants' gold."""
+        import json
+        from dataclasses import asdict
+
+        ours, theirs = self.logs["ours"], self.logs["TRL"]
+        (self.out / "results.json").write_text(json.dumps({
+            "profile": self.P.name, "sizes": asdict(self.sizes),
+            "config": {k: str(v) for k, v in {**vars(settings), **vars(self.rollout)}.items()},
+            "gold_start": self.start_name, "gold": self.summary["sampled"], "gold_greedy": self.summary["greedy"],
+            "run_to_run": {"seeds": self.seeds, **self.noise}, "parity_fixed_completions": parity,
+            "kl_end": {"ours": ours.at(self.P.steps).get("kl"), "TRL": theirs.at(self.P.steps).get("kl")},
+            "variants": {k: {"gold_mean": v.mean, "steps": variant_steps} for k, v in variants.items()},
+        }, indent=1))
+        print("wrote", self.out / "results.json")
+
+
+def rerun_with_seeds(policy, tokenizer, task, method, settings, rollout: RolloutSettings, train_config,
+                     start_adapters: dict, seeds, out_dir, gold_fn) -> dict[str, list]:
+    """Train our loop and TRL's trainer for ``method`` again from ``start_adapters``, once per seed in ``seeds``.
+
+    A seed changes only the order of the training prompts (the task's train split shuffled with it), the
+    rollouts' sampling and TRL's own seed: what separates two runs of the same recipe, so the spread of their
+    gold gains is the run-to-run noise a claimed gain must beat (``evaluate.gain_over_runs``). Probes are left
+    out to save time. ``gold_fn()`` evaluates the policy as it stands. Our runs see the "ref" adapter rebuilt
+    from ``start_adapters`` when the policy had one; TRL's trainer is given the policy without it and makes its
+    own, as in the notebooks' main runs. Logs go to ``out_dir/ours-<seed>`` and ``out_dir/trl-<seed>``.
+    Returns {"ours": [(seed, log, gold), ...], "TRL": [...]}.
+    """
+    from rlcourse.models import REF_ADAPTER, add_reference_adapter, remove_reference_adapter, restore_lora
+    from rlcourse.train import train
+    from rlcourse.trl_runs import run_trl
+
+    out_dir = Path(out_dir)
+    with_ref = REF_ADAPTER in policy.peft_config
+    trainer_cls, _ = method.trl_classes()
+
+    def back_to_start(ref: bool) -> None:
+        remove_reference_adapter(policy)
+        restore_lora(policy, start_adapters)
+        if ref:  # a frozen copy of the start adapters, as before the main runs
+            add_reference_adapter(policy)
+
+    runs = {"ours": [], "TRL": []}
+    for seed in seeds:
+        rows = task.prompts("train").shuffle(seed=seed)
+        tc = replace(train_config, seed=seed)
+
+        back_to_start(with_ref)
+        log = train(policy, Rollouts(policy, tokenizer, rows, task.reward, rollout, seed=seed),
+                    method.step_fn(settings, rollout), tc, out_dir / f"ours-{seed}", resume=False, progress=False)
+        runs["ours"].append((seed, log, gold_fn()))
+
+        back_to_start(False)  # TRL adds its own "ref" when it needs one
+        trainer = trainer_cls(model=policy, reward_funcs=task.reward, train_dataset=rows, processing_class=tokenizer,
+                              args=trl_online_config(method, settings, rollout, tc, out_dir / f"trl-{seed}"))
+        log = trl_metrics(run_trl(trainer))
+        log.save(out_dir / f"trl-{seed}")
+        runs["TRL"].append((seed, log, gold_fn()))
+        del trainer
+
+    back_to_start(with_ref)  # leave the policy as it came
+    return runs
