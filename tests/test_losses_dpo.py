@@ -6,13 +6,20 @@ import pytest
 import torch
 from datasets import Dataset
 
+from rlcourse.batches import collate_pairs
+from rlcourse.data import deterministic_preferences
 from rlcourse.evaluate import GoldResult, win_rate
 from rlcourse.exercises import check_dpo_loss, check_implicit_reward, check_ipo_loss
+from rlcourse.logprobs import forward_logprobs, sequence_logps
 from rlcourse.losses import dpo_loss, implicit_reward, ipo_loss
 from rlcourse.losses.dpo import DPO_LOSSES
 from rlcourse.methods import dpo
-from rlcourse.models import LoraSettings, tiny_model
+from rlcourse.models import (REF_ADAPTER, add_reference_adapter, base_policy, reference_policy,
+                             remove_reference_adapter)
+from rlcourse.tokenization import tokenize_pairs
 from rlcourse.train import TrainConfig, train
+
+from fixtures import perturb_lora
 
 
 def _logps(B=5, seed=0):
@@ -115,7 +122,7 @@ def test_unknown_loss_type_and_bad_label_smoothing_are_refused():
     with pytest.raises(ValueError, match=r"label_smoothing=0.5 must lie in \[0, 0.5\)"):
         dpo_loss(a, a, a, a, 0.1, "robust", 0.5)
     with pytest.raises(ValueError, match="unknown loss_type"):
-        dpo.DPOSettings(loss_type="kto")
+        dpo.Settings(loss_type="kto")
     assert set(DPO_LOSSES) | {"ipo"} == set(dpo.LOSS_TYPES)
 
 
@@ -127,81 +134,63 @@ ROWS = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assist
                         ("Sky colour?", "Blue.", "Green, mostly.")]]
 
 
-def test_first_step_of_dpo_is_log_2_and_accuracy_zero(tokenizer):
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    batch = dpo.batch_fn(dpo.tokenize_dataset(ROWS, tokenizer), 4, tokenizer.pad_token_id, 64)(0)
-    loss, metrics = dpo.dpo_step(model, batch)
+def test_first_step_of_dpo_is_log_2_and_accuracy_zero(tokenizer, policy):
+    loss, metrics = dpo.dpo_step(policy, dpo.batches(ROWS, tokenizer, 4, 64)(0))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # fresh LoRA: π_θ = π_ref
     assert metrics["rewards/margins"].item() == pytest.approx(0, abs=1e-6)
     assert metrics["rewards/accuracies"].item() == 0  # ties are not wins
 
 
-def test_padding_does_not_change_the_loss(tokenizer):
+def test_padding_does_not_change_the_loss(tokenizer, policy):
     """A pair batched with a much longer pair gives the same per-pair log-probs as alone."""
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    tokenized = dpo.tokenize_dataset(ROWS, tokenizer)
-    alone = dpo.sequence_logps(model, dpo.collate_pairs(tokenized[:1], tokenizer.pad_token_id))["logps"].sum(-1)
-    both = dpo.sequence_logps(model, dpo.collate_pairs(tokenized[:1] + tokenized[3:], tokenizer.pad_token_id))
-    torch.testing.assert_close(both["logps"].sum(-1)[[0, 2]], alone, rtol=1e-5, atol=1e-5)
+    tokenized = tokenize_pairs(ROWS, tokenizer)
+    alone, _ = sequence_logps(policy, collate_pairs(tokenized[:1], tokenizer.pad_token_id))
+    both, _ = sequence_logps(policy, collate_pairs(tokenized[:1] + tokenized[3:], tokenizer.pad_token_id))
+    torch.testing.assert_close(both[[0, 2]], alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_training_raises_the_margin(tokenizer, tmp_path, loss_type):
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    batches = dpo.batch_fn(dpo.tokenize_dataset(ROWS, tokenizer), 4, tokenizer.pad_token_id, 64)
+def test_training_raises_the_margin(tokenizer, policy, tmp_path, loss_type):
+    batches = dpo.batches(ROWS, tokenizer, 4, 64)
     config = TrainConfig(steps=6, batch_size=4, learning_rate=1e-2, bf16=False, checkpoint_every=100)
-    log = train(model, batches, dpo.step_fn(dpo.DPOSettings(beta=0.5, loss_type=loss_type)), config, tmp_path,
+    log = train(policy, batches, dpo.step_fn(dpo.Settings(beta=0.5, loss_type=loss_type)), config, tmp_path,
                 progress=False)
     assert log["rewards/margins"][-1] > log["rewards/margins"][0] and log["rewards/accuracies"][-1] == 1.0
     assert log["loss"][-1] < log["loss"][0]
 
 
-def test_tr_dpo_reference_adapter_starts_at_the_base_and_follows_the_policy(tokenizer, tmp_path):
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    dpo.add_reference_adapter(model)
-    batches = dpo.batch_fn(dpo.tokenize_dataset(ROWS, tokenizer), 4, tokenizer.pad_token_id, 64)
-    settings = dpo.DPOSettings(beta=0.5, sync_ref_every=2, sync_alpha=1.0)
-    loss, _ = dpo.dpo_step(model, batches(0), settings)
+def test_tr_dpo_reference_adapter_starts_at_the_base_and_follows_the_policy(tokenizer, policy, tmp_path):
+    add_reference_adapter(policy)
+    batches = dpo.batches(ROWS, tokenizer, 4, 64)
+    settings = dpo.Settings(beta=0.5, sync_ref_every=2, sync_alpha=1.0)
+    loss, _ = dpo.dpo_step(policy, batches(0), settings)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # ref adapter = fresh copy = base
     config = TrainConfig(steps=4, batch_size=4, learning_rate=1e-2, bf16=False, checkpoint_every=100)
-    log = train(model, batches, dpo.step_fn(settings), config, tmp_path, progress=False)
+    log = train(policy, batches, dpo.step_fn(settings), config, tmp_path, progress=False)
     # α = 1: at steps 2 and 4 (0-based batch index) the reference becomes the policy, so that step's margin is 0
     assert log.at(3)["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert log.at(2)["rewards/margins"] != pytest.approx(0, abs=1e-5)
-    assert all(not p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
-    assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+    assert all(not p.requires_grad for n, p in policy.named_parameters() if ".ref." in n)
+    assert all(p.requires_grad for n, p in policy.named_parameters() if ".default." in n)
     with pytest.raises(ValueError, match="already has an adapter"):
-        dpo.add_reference_adapter(model)
-    dpo.remove_reference_adapter(model)  # as after a TRL run, so that a fresh reference can be added
-    assert dpo.REF_ADAPTER not in model.peft_config and model.active_adapter == "default"
-    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+        add_reference_adapter(policy)
+    remove_reference_adapter(policy)  # as after a TRL run, so that a fresh reference can be added
+    assert REF_ADAPTER not in policy.peft_config and policy.active_adapter == "default"
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
 
 
-def test_tr_dpo_without_reference_adapter_says_how_to_fix(tokenizer):
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    batch = dpo.batch_fn(dpo.tokenize_dataset(ROWS, tokenizer), 4, tokenizer.pad_token_id, 64)(2)
+def test_tr_dpo_without_reference_adapter_says_how_to_fix(tokenizer, policy):
+    batch = dpo.batches(ROWS, tokenizer, 4, 64)(2)
     with pytest.raises(ValueError, match="add_reference_adapter"):
-        dpo.dpo_step(model, batch, dpo.DPOSettings(sync_ref_every=2))
-
-
-def test_bad_rows_name_the_row_and_the_fix(tokenizer):
-    bad = [dict(ROWS[0]), {k: v for k, v in ROWS[1].items() if k != "rejected"}]
-    with pytest.raises(ValueError, match="row 1: missing column 'rejected'. Fix"):
-        dpo.tokenize_dataset(bad, tokenizer)
-    with pytest.raises(ValueError, match="row 0: column 'chosen' must be a non-empty list"):
-        dpo.tokenize_dataset([{**ROWS[0], "chosen": "4"}], tokenizer)
-    with pytest.raises(ValueError, match="row 0: 'chosen' and 'rejected' are identical"):
-        dpo.tokenize_dataset([{**ROWS[0], "rejected": ROWS[0]["chosen"]}], tokenizer)
-    with pytest.warns(UserWarning, match="dropped 4 preference rows"), pytest.raises(ValueError, match="no preference"):
-        dpo.tokenize_dataset(ROWS, tokenizer, max_length=5)
+        dpo.dpo_step(policy, batch, dpo.Settings(sync_ref_every=2))
 
 
 def test_deterministic_preferences_are_conversational_pairs():
-    data = dpo.deterministic_preferences(8)
+    data = deterministic_preferences(8)
     assert isinstance(data, Dataset) and len(data) == 8
     assert all(r["chosen"] != r["rejected"] for r in data)
     with pytest.raises(ValueError, match="n_pairs"):
-        dpo.deterministic_preferences(100)
+        deterministic_preferences(100)
 
 
 # ── the win rate ─────────────────────────────────────────────────────────────────────────────────────────────
@@ -237,27 +226,20 @@ def test_unattempted_exercise_is_reported_not_failed(capsys):
     assert "not attempted" in capsys.readouterr().out
 
 
-def test_reference_is_a_frozen_copy_of_a_trained_adapter_and_the_base_stays_reachable(tokenizer):
+def test_reference_is_a_frozen_copy_of_a_trained_adapter_and_the_base_stays_reachable(tokenizer, policy):
     # An SFT start before online RL: the copy made after training is the reference, not the base model.
-    from rlcourse.logprobs import forward_logprobs
-    from rlcourse.models import add_reference_adapter, base_policy, reference_policy
-
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
+    perturb_lora(policy, seed=0, scale=0.5)
+    batch = collate_pairs(tokenize_pairs(ROWS, tokenizer), tokenizer.pad_token_id, 64)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    batch = dpo.collate_pairs(dpo.tokenize_dataset(ROWS, tokenizer), tokenizer.pad_token_id, 64)
-    with torch.no_grad():
-        policy = forward_logprobs(model, batch)["logps"]
-        with base_policy(model):
-            base = forward_logprobs(model, batch)["logps"]
-        add_reference_adapter(model)
-        with reference_policy(model):
-            ref = forward_logprobs(model, batch)["logps"]
-        with base_policy(model):
-            base_after = forward_logprobs(model, batch)["logps"]
-    torch.testing.assert_close(ref, policy)  # the copy is the trained policy ...
+        trained = forward_logprobs(policy, batch)["logps"]
+        with base_policy(policy):
+            base = forward_logprobs(policy, batch)["logps"]
+        add_reference_adapter(policy)
+        with reference_policy(policy):
+            ref = forward_logprobs(policy, batch)["logps"]
+        with base_policy(policy):
+            base_after = forward_logprobs(policy, batch)["logps"]
+    torch.testing.assert_close(ref, trained)  # the copy is the trained policy ...
     assert not torch.allclose(ref, base)  # ... which differs from the base model
     torch.testing.assert_close(base_after, base)  # and the base is still the adapters switched off
-    assert model.active_adapter == "default"
+    assert policy.active_adapter == "default"

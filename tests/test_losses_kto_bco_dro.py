@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rlcourse.batches import mismatched_completions
 from rlcourse.exercises.preference_variants import (
     check_bco_loss, check_dro_policy_loss, check_dro_value_loss, check_kto_loss, check_kto_reference_point,
 )
 from rlcourse.losses.bco import RewardShift, bco_loss, bco_pair_loss
 from rlcourse.losses.dro import dro_loss, dro_policy_loss, dro_value_loss
-from rlcourse.losses.kto import kto_loss, kto_reference_point, mismatched_completions
+from rlcourse.losses.kto import kto_loss, kto_reference_point
 
 
 def _unpaired(B=8, seed=0):
@@ -243,19 +244,25 @@ def test_checkers_accept_the_reference_and_reject_wrong_answers(capsys):
 # ---------------------------------------------------------------- resumable state of the step functions
 
 def test_bco_and_dro_step_state_round_trips_through_a_checkpoint(tmp_path):
-    from rlcourse.methods.kto import bco_step_fn, dro_step_fn
+    from rlcourse.methods import bco, dro
 
-    bco = bco_step_fn()
-    bco.shift.update(torch.tensor([1.0, 2.0, 6.0]))
-    torch.save(bco.state_dict(), tmp_path / "bco.pt")
-    back = bco_step_fn()
+    step = bco.step_fn(bco.Settings(beta=0.1))
+    assert isinstance(step, bco.BCOStep)
+    step.shift.update(torch.tensor([1.0, 2.0, 6.0]))
+    torch.save(step.state_dict(), tmp_path / "bco.pt")
+    back = bco.step_fn()
     back.load_state_dict(torch.load(tmp_path / "bco.pt"))
     assert (back.shift.mean, back.shift.count) == (3.0, 3)
 
-    dro = dro_step_fn(n_prompts=4)
+    step = dro.step_fn(4, dro.Settings(tau=1.0, value_lr=0.1))
+    assert isinstance(step, dro.DROStep)
     with torch.no_grad():
-        dro.values.values.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
-    torch.save(dro.state_dict(), tmp_path / "dro.pt")
-    back = dro_step_fn(n_prompts=4)
+        step.values.values.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    step.values.values.sum().backward()
+    step.optimizer.step()  # Adam's moments are state too
+    torch.save(step.state_dict(), tmp_path / "dro.pt")
+    back = dro.step_fn(4)
     back.load_state_dict(torch.load(tmp_path / "dro.pt"))
-    assert torch.equal(back.values.values, dro.values.values)
+    assert torch.equal(back.values.values, step.values.values)
+    moments = back.optimizer.state_dict()["state"][0]
+    assert torch.equal(moments["exp_avg"], step.optimizer.state_dict()["state"][0]["exp_avg"])

@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from rlcourse.exercises import check_clipped_surrogate, check_group_advantages, check_rloo_advantages
-from rlcourse.losses.policy_gradient import (
-    aggregate_loss, grpo_advantages, grpo_loss, importance_ratio, reinforce_loss,
-    reinforce_pp_advantages, rloo_advantages, rloo_loss,
-)
-from rlcourse.methods.online import OnlineConfig
+from rlcourse.losses.grpo import aggregate_loss, grpo_advantages, grpo_loss, importance_ratio
+from rlcourse.losses.rloo import reinforce_loss, reinforce_pp_advantages, rloo_advantages, rloo_loss
+from rlcourse.methods import grpo, rloo
+from rlcourse.methods.rollouts import RolloutSettings
 from rlcourse.sampling import SamplingSettings
 
 g = torch.Generator().manual_seed(0)
@@ -141,11 +140,17 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(ValueError, match="importance_sampling_level"):
         importance_ratio(logps, logps, mask, "batch")
     with pytest.raises(ValueError, match="num_generations=1"):
-        OnlineConfig(num_generations=1)
-    with pytest.raises(ValueError, match="loss_type"):
-        OnlineConfig(loss_type="ppo")
+        RolloutSettings(num_generations=1)
     with pytest.raises(ValueError, match="do_sample"):
-        OnlineConfig(sampling=SamplingSettings(do_sample=False))
+        RolloutSettings(sampling=SamplingSettings(do_sample=False))
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.Settings(loss_type="ppo")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo.Settings(scale_rewards="std")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo.Settings(importance_sampling_level="batch")
+    with pytest.raises(ValueError, match="beta"):
+        rloo.Settings(beta=-0.1)
 
 
 def test_checkers_accept_the_reference_and_reject_wrong_answers(capsys):

@@ -9,9 +9,11 @@ import torch
 from bitsandbytes.functional import has_avx512bf16
 
 from rlcourse import models
-from rlcourse.logprobs import collate, forward_logprobs, tokenize_prompt_completion
+from rlcourse.batches import collate
+from rlcourse.logprobs import forward_logprobs
 from rlcourse.losses import sft_loss
 from rlcourse.sampling import SamplingSettings, generate
+from rlcourse.tokenization import tokenize_prompt_completion
 
 
 def _lora_grad_norm(model, batch) -> float:

@@ -19,35 +19,20 @@ the same reference as ours, adapters disabled).
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
-from trl.experimental.cpo import CPOConfig, CPOTrainer
-from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from rlcourse.data.convert import unpair
-from rlcourse.logprobs import forward_logprobs, masked_mean, masked_sum, token_logprobs
+from rlcourse.batches import Sequences, mismatched_completions
+from rlcourse.data import flip_pairs, unpair, unpaired_rows
+from rlcourse.logprobs import masked_mean, masked_sum, sequence_logps, token_logprobs
 from rlcourse.losses.bco import bco_pair_loss
 from rlcourse.losses.cpo import cpo_loss, simpo_loss
-from rlcourse.losses.kto import kto_loss, kto_reference_point, mismatched_completions
+from rlcourse.losses.kto import kto_loss, kto_reference_point
 from rlcourse.losses.orpo import log_odds, odds_ratio_loss, orpo_loss
 from rlcourse.losses.sft import sft_loss
-from rlcourse.methods import kto as kto_method
-from rlcourse.methods import reference_free
-from rlcourse.models import LoraSettings, reference_policy, tiny_model
-from rlcourse.train import TrainConfig
-from rlcourse.trl_runs import trl_config
+from rlcourse.methods import cpo, dpo, kto, orpo, simpo
+from rlcourse.models import reference_policy
 
-ROWS = [
-    {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
-     "rejected": [{"role": "assistant", "content": r}]}
-    for q, c, r in [
-        ("Why is the sky blue?", "Air scatters blue light.", "Because it is. The sky is blue because blue."),
-        ("2 + 2?", "4", "5, or maybe 22."),
-        ("Name a planet.", "Mars, the red planet.", "Pluto"),
-        ("Say hi.", "Hi!", "Goodbye, and a long farewell to you all."),
-    ]
-]
-MAX_LENGTH = 64
+from fixtures import MAX_LENGTH, PREFERENCE_ROWS as ROWS
+
 TENSOR_RTOL = 1e-6
 """Same tensors, same fp32 operations (up to their order), absolute floor TENSOR_RTOL·1e-3. Seen: CPO and SimPO
 bit-identical; ORPO's odds-ratio term 1.5e-8 absolute (we form log odds(y_w) − log odds(y_l), TRL
@@ -64,24 +49,6 @@ is 6e-8; 1e-6 of the sums leaves a margin of 13 over the AVX2 case."""
 GRAD_RTOL = 1e-4
 """LoRA gradients (KTO), ‖ours − TRL's‖ / ‖TRL's‖ per parameter: the backward's summation order differs too. Seen: 8.2e-7
 (with z₀ not detached it would be 1.0)."""
-
-
-def _randomise_lora(model, seed: int = 1) -> None:
-    """Move the policy away from the reference: fresh LoRA (B = 0) sits where every loss is at a trivial point."""
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if "lora_B" in name and ".default." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def _trainer(trainer_cls, config_cls, tokenizer, tmp_path, rows, **kwargs):
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    args = trl_config(config_cls, TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=False), tmp_path,
-                      max_length=MAX_LENGTH, **kwargs)
-    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    _randomise_lora(trainer.model)
-    return trainer
 
 
 def _random_pair_logps(B=8, seed=0, scale=40.0):
@@ -101,11 +68,17 @@ def _pair_side(model, batch, side: str) -> dict:
             "attention": batch[f"{side}_attention_mask"][:, 1:].float()}  # (B, T-1): prompt + completion
 
 
+def _sums(model, batch: dict, prefix: str = "") -> torch.Tensor:
+    """log π(y|x) of each sequence of TRL's batch, (B,): its own sequences, or KTO's mismatched ones (prefix "KL_")."""
+    seqs = Sequences.from_dict({k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)})
+    return sequence_logps(model, seqs)[0]
+
+
 # ---------------------------------------------------------------- CPO and SimPO
 
 @pytest.fixture(scope="module")
-def cpo_trainer(tokenizer, tmp_path_factory):
-    return _trainer(CPOTrainer, CPOConfig, tokenizer, tmp_path_factory.mktemp("cpo"), ROWS, loss_type="sigmoid")
+def cpo_trainer(make_trainer):
+    return make_trainer(cpo, cpo.Settings())
 
 
 @pytest.mark.parametrize("beta,label_smoothing", [(0.1, 0.0), (0.5, 0.2)])
@@ -152,9 +125,9 @@ def test_cpo_and_simpo_match_trl_on_the_same_batch(cpo_trainer, loss_type, cpo_a
 
 
 def _our_pair_batch(tokenizer):
-    """Our tokenisation and batch of ROWS (CPOTrainer's and ORPOTrainer's are the same code)."""
-    tokenized = reference_free.tokenize_dataset(Dataset.from_list(ROWS), tokenizer, MAX_LENGTH)
-    return tokenized, reference_free.batch_fn(tokenized, len(ROWS), tokenizer.pad_token_id, MAX_LENGTH)(0)
+    """Our tokenisation and batch of ROWS (CPOTrainer's and ORPOTrainer's are the same code, and so are ours)."""
+    batches = cpo.batches(ROWS, tokenizer, len(ROWS), MAX_LENGTH)
+    return batches.tokenized, batches(0)
 
 
 @pytest.mark.parametrize("trainer_name", ["cpo_trainer", "orpo_trainer"])
@@ -173,11 +146,13 @@ def test_our_pair_tokenisation_is_trls_with_its_extra_eos(trainer_name, tokenize
 def test_cpo_step_matches_trl_batch_loss_and_metrics(cpo_trainer, tokenizer, loss_type, cpo_alpha):
     tr = cpo_trainer
     tr.loss_type, tr.cpo_alpha, tr.beta, tr.label_smoothing, tr.simpo_gamma = loss_type, cpo_alpha, 0.2, 0.0, 0.5
-    settings = reference_free.CPOSettings(loss_type=loss_type, beta=0.2, simpo_gamma=0.5, cpo_alpha=cpo_alpha)
+    method, settings = ((cpo, cpo.Settings(beta=0.2, cpo_alpha=cpo_alpha)) if loss_type == "sigmoid" else
+                        (simpo, simpo.Settings(beta=0.2, gamma=0.5, cpo_alpha=cpo_alpha)))
+    assert method.trl_kwargs(settings, MAX_LENGTH)["loss_type"] == loss_type
     _, batch = _our_pair_batch(tokenizer)
     with torch.no_grad():
         theirs, their_metrics = tr.get_batch_loss_metrics(tr.model, next(iter(tr.get_train_dataloader())))
-        ours, our_metrics = reference_free.cpo_step(tr.model, batch, settings)
+        ours, our_metrics = method.step_fn(settings)(tr.model, batch)
     _close(ours, theirs, BATCH_RTOL)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "nll_loss"):
         assert our_metrics[name].item() == pytest.approx(their_metrics[name], rel=BATCH_RTOL, abs=1e-6), name
@@ -186,8 +161,8 @@ def test_cpo_step_matches_trl_batch_loss_and_metrics(cpo_trainer, tokenizer, los
 # ---------------------------------------------------------------- ORPO
 
 @pytest.fixture(scope="module")
-def orpo_trainer(tokenizer, tmp_path_factory):
-    return _trainer(ORPOTrainer, ORPOConfig, tokenizer, tmp_path_factory.mktemp("orpo"), ROWS)
+def orpo_trainer(make_trainer):
+    return make_trainer(orpo, orpo.Settings())
 
 
 def test_odds_ratio_term_matches_trl_on_the_same_tensors(orpo_trainer):
@@ -223,7 +198,7 @@ def test_orpo_step_matches_trl_batch_loss_and_metrics(orpo_trainer, tokenizer):
     _, batch = _our_pair_batch(tokenizer)
     with torch.no_grad():
         theirs, their_metrics = tr.get_batch_loss_metrics(tr.model, next(iter(tr.get_train_dataloader())))
-        ours, our_metrics = reference_free.orpo_step(tr.model, batch, reference_free.ORPOSettings(lambda_=0.1))
+        ours, our_metrics = orpo.orpo_step(tr.model, batch, orpo.Settings(lambda_=0.1))
     _close(ours, theirs, BATCH_RTOL)
     for name in ("rewards/chosen", "rewards/margins", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
         assert our_metrics[name].item() == pytest.approx(their_metrics[name], rel=BATCH_RTOL, abs=1e-6), name
@@ -231,17 +206,20 @@ def test_orpo_step_matches_trl_batch_loss_and_metrics(orpo_trainer, tokenizer):
 
 # ---------------------------------------------------------------- KTO
 
+KTO = kto.Settings(beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+WEIGHTS = dict(beta=KTO.beta, desirable_weight=KTO.desirable_weight, undesirable_weight=KTO.undesirable_weight)
+
+
 def _unpaired_rows():
-    """The preference rows unpaired (rlcourse.data.convert.unpair), reordered so the first batch of 4 mixes labels
+    """The preference rows unpaired (rlcourse.data.unpair), reordered so the first batch of 4 mixes labels
     unevenly (3 desirable, 1 undesirable) and the second the other way round."""
     rows = unpair(ROWS)  # 4 chosen (True), then 4 rejected (False)
     return [rows[i] for i in (0, 5, 2, 3, 4, 1, 6, 7)]
 
 
 @pytest.fixture(scope="module")
-def kto_trainer(tokenizer, tmp_path_factory):
-    return _trainer(KTOTrainer, KTOConfig, tokenizer, tmp_path_factory.mktemp("kto"), _unpaired_rows(),
-                    beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+def kto_trainer(make_trainer):
+    return make_trainer(kto, KTO, _unpaired_rows())
 
 
 def test_trl_builds_kl_pairs_by_rotating_completions_within_each_batch(kto_trainer):
@@ -254,30 +232,23 @@ def test_trl_builds_kl_pairs_by_rotating_completions_within_each_batch(kto_train
 @pytest.mark.parametrize("batch_index", [0, 1])
 def test_kto_matches_trl_on_the_same_batch(kto_trainer, batch_index):
     tr = kto_trainer
-    batch = list(tr.get_train_dataloader())[batch_index]
-    kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("KL_")}  # (x_i, y_{i-1}) sequences
+    batch = list(tr.get_train_dataloader())[batch_index]  # with its (x_i, y_{i-1}) sequences under "KL_"
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, dict(batch))
-        policy = forward_logprobs(tr.model, batch)
-        policy_kl = forward_logprobs(tr.model, kl_batch)
+        policy, policy_kl = _sums(tr.model, batch), _sums(tr.model, batch, "KL_")
         with reference_policy(tr.model):
-            ref = forward_logprobs(tr.model, batch)
-            ref_kl = forward_logprobs(tr.model, kl_batch)
-        policy_kl_sums, ref_kl_sums = masked_sum(policy_kl["logps"], policy_kl["mask"]), masked_sum(ref_kl["logps"],
-                                                                                                  ref_kl["mask"])
-        kl_logratios = policy_kl_sums - ref_kl_sums
-        z0 = kto_reference_point(policy_kl_sums, ref_kl_sums)
-        args = (masked_sum(policy["logps"], policy["mask"]), masked_sum(ref["logps"], ref["mask"]), batch["label"].bool())
-        weights = dict(beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
-        ours = kto_loss(*args, z0, **weights)
-        unclamped = kto_loss(*args, kl_logratios.mean(), **weights)
+            ref, ref_kl = _sums(tr.model, batch), _sums(tr.model, batch, "KL_")
+        kl_logratios = policy_kl - ref_kl
+        z0 = kto_reference_point(policy_kl, ref_kl)
+        ours = kto_loss(policy, ref, batch["label"].bool(), z0, **WEIGHTS)
+        unclamped = kto_loss(policy, ref, batch["label"].bool(), kl_logratios.mean(), **WEIGHTS)
     _close(ours, theirs, BATCH_RTOL)
     if batch_index == 0:  # this batch's KL estimate is negative: the clamp at 0 is what makes us match
         assert z0.item() == 0.0 and abs(unclamped.item() - theirs.item()) > 1e-3
     else:  # this one's is positive: z₀ is the mean mismatched log-ratio itself
         assert z0.item() > 0.05 and z0.item() == pytest.approx(kl_logratios.mean().item())
     mode = "train" if tr.model.training else "eval"
-    assert z0.item() == pytest.approx(tr._metrics[mode]["kl"][-1], rel=0, abs=_z0_atol(policy_kl_sums, ref_kl_sums))
+    assert z0.item() == pytest.approx(tr._metrics[mode]["kl"][-1], rel=0, abs=_z0_atol(policy_kl, ref_kl))
     assert batch["label"].sum().item() == (3 if batch_index == 0 else 1)  # the uneven mixes meant above
 
 
@@ -300,13 +271,10 @@ def test_kto_gradient_matches_trl_so_z0_carries_no_gradient(kto_trainer):
     tr.model.zero_grad(set_to_none=True)
     tr.compute_loss(tr.model, dict(batch)).backward()
     theirs = _lora_grads(tr.model)
-    kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("KL_")}
-    policy, policy_kl = forward_logprobs(tr.model, batch), forward_logprobs(tr.model, kl_batch)
+    policy, policy_kl = _sums(tr.model, batch), _sums(tr.model, batch, "KL_")
     with torch.no_grad(), reference_policy(tr.model):
-        ref, ref_kl = forward_logprobs(tr.model, batch), forward_logprobs(tr.model, kl_batch)
-    z0 = kto_reference_point(masked_sum(policy_kl["logps"], policy_kl["mask"]), masked_sum(ref_kl["logps"], ref_kl["mask"]))
-    kto_loss(masked_sum(policy["logps"], policy["mask"]), masked_sum(ref["logps"], ref["mask"]), batch["label"].bool(),
-             z0, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5).backward()
+        ref, ref_kl = _sums(tr.model, batch), _sums(tr.model, batch, "KL_")
+    kto_loss(policy, ref, batch["label"].bool(), kto_reference_point(policy_kl, ref_kl), **WEIGHTS).backward()
     ours = _lora_grads(tr.model)
     assert theirs.keys() == ours.keys() and len(ours) > 0
     assert all(".default." in n for n in ours)  # only the trained adapter, never TRL's "ref" copy
@@ -321,22 +289,19 @@ def test_kto_with_a_zero_reference_point_is_trl_apo_zero_unpaired(kto_trainer):
     try:
         with torch.no_grad():
             theirs = tr.compute_loss(tr.model, dict(batch))
-            policy = forward_logprobs(tr.model, batch)
+            policy = _sums(tr.model, batch)
             with reference_policy(tr.model):
-                ref = forward_logprobs(tr.model, batch)
+                ref = _sums(tr.model, batch)
     finally:
         tr.loss_type, tr.calculate_KL = "kto", True
-    ours = kto_loss(masked_sum(policy["logps"], policy["mask"]), masked_sum(ref["logps"], ref["mask"]),
-                    batch["label"].bool(), 0.0, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
-    _close(ours, theirs, BATCH_RTOL)
+    _close(kto_loss(policy, ref, batch["label"].bool(), 0.0, **WEIGHTS), theirs, BATCH_RTOL)
 
 
 # ---------------------------------------------------------------- BCO (DPO's bco_pair)
 
 @pytest.fixture(scope="module")
-def bco_trainer(tokenizer, tmp_path_factory):
-    return _trainer(DPOTrainer, DPOConfig, tokenizer, tmp_path_factory.mktemp("bco"), ROWS,
-                    loss_type=["bco_pair"], beta=0.3)
+def bco_trainer(make_trainer):
+    return make_trainer(dpo, dpo.Settings(beta=0.3), loss_type=["bco_pair"])  # a DPOConfig loss our DPO lacks
 
 
 def test_bco_pair_matches_trl_dpo_on_the_same_batch_with_no_reward_shift(bco_trainer):
@@ -344,11 +309,9 @@ def test_bco_pair_matches_trl_dpo_on_the_same_batch_with_no_reward_shift(bco_tra
     batch = next(iter(tr.get_train_dataloader()))
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, dict(batch))
-        policy = forward_logprobs(tr.model, batch)  # (2B, T-1): chosen rows first, then rejected
+        policy_w, policy_l = _sums(tr.model, batch).chunk(2)  # (B,) each: chosen rows first, then rejected
         with reference_policy(tr.model):
-            ref = forward_logprobs(tr.model, batch)
-        policy_w, policy_l = masked_sum(policy["logps"], policy["mask"]).chunk(2)  # (B,) each
-        ref_w, ref_l = masked_sum(ref["logps"], ref["mask"]).chunk(2)
+            ref_w, ref_l = _sums(tr.model, batch).chunk(2)
         ours = bco_pair_loss(policy_w, policy_l, ref_w, ref_l, beta=0.3, delta=0.0)
         shifted = bco_pair_loss(policy_w, policy_l, ref_w, ref_l, beta=0.3, delta=0.5)
     _close(ours, theirs, BATCH_RTOL)
@@ -359,57 +322,40 @@ def test_bco_pair_matches_trl_dpo_on_the_same_batch_with_no_reward_shift(bco_tra
 
 def test_our_unpaired_tokenisation_and_kl_pairs_are_trls(kto_trainer, tokenizer):
     data = kto_trainer.train_dataset
-    tokenized = kto_method.tokenize_dataset(_unpaired_rows(), tokenizer, MAX_LENGTH)
-    batches = kto_method.batch_fn(tokenized, 4, tokenizer.pad_token_id, MAX_LENGTH)
+    batches = kto.batches(_unpaired_rows(), tokenizer, 4, MAX_LENGTH)
     for step, trl_batch in zip((0, 1), kto_trainer.get_train_dataloader()):
         ours = batches(step)
-        for key in ("input_ids", "attention_mask", "completion_mask", "KL_input_ids", "KL_completion_mask"):
-            assert torch.equal(ours[key], trl_batch[key]), key
-        assert torch.equal(ours["label"], trl_batch["label"].bool())
-    assert [t["completion_ids"] for t in tokenized] == data["completion_ids"]
+        for key in ("input_ids", "attention_mask", "completion_mask"):
+            assert torch.equal(getattr(ours.sequences, key), trl_batch[key]), key
+            assert torch.equal(getattr(ours.mismatched, key), trl_batch[f"KL_{key}"]), f"KL_{key}"
+        assert torch.equal(ours.label, trl_batch["label"].bool())
+    assert [t["completion_ids"] for t in batches.tokenized] == data["completion_ids"]
 
 
 @pytest.mark.parametrize("batch_index", [0, 1])
 def test_kto_step_matches_trl_loss_and_reference_point(kto_trainer, tokenizer, batch_index):
     tr = kto_trainer
     trl_batch = list(tr.get_train_dataloader())[batch_index]
-    ours_batch = kto_method.batch_fn(kto_method.tokenize_dataset(_unpaired_rows(), tokenizer, MAX_LENGTH), 4,
-                                     tokenizer.pad_token_id, MAX_LENGTH)(batch_index)
-    settings = kto_method.KTOSettings(beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
+    ours_batch = kto.batches(_unpaired_rows(), tokenizer, 4, MAX_LENGTH)(batch_index)
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, dict(trl_batch))
-        ours, metrics = kto_method.kto_step(tr.model, ours_batch, settings)
+        ours, metrics = kto.kto_step(tr.model, ours_batch, KTO)
     _close(ours, theirs, BATCH_RTOL)
     mode = "train" if tr.model.training else "eval"
-    kl_batch = {k[3:]: v for k, v in trl_batch.items() if k.startswith("KL_")}
     with torch.no_grad():
-        policy_kl = forward_logprobs(tr.model, kl_batch)
+        policy_kl = _sums(tr.model, trl_batch, "KL_")
         with reference_policy(tr.model):
-            ref_kl = forward_logprobs(tr.model, kl_batch)
-    atol = _z0_atol(masked_sum(policy_kl["logps"], policy_kl["mask"]), masked_sum(ref_kl["logps"], ref_kl["mask"]))
-    assert metrics["z0"].item() == pytest.approx(tr._metrics[mode]["kl"][-1], rel=0, abs=atol)
-
-
-def test_kto_batches_need_a_row_count_divisible_by_the_batch_size(tokenizer):
-    tokenized = kto_method.tokenize_dataset(_unpaired_rows()[:7], tokenizer, MAX_LENGTH)
-    with pytest.raises(ValueError, match="divisible"):
-        kto_method.batch_fn(tokenized, 4, tokenizer.pad_token_id, MAX_LENGTH)
-
-
-def test_bad_unpaired_row_names_the_row_and_the_fix(tokenizer):
-    rows = _unpaired_rows()
-    rows[3] = {**rows[3], "label": "yes"}
-    with pytest.raises(ValueError, match=r"row 3: 'label' must be True .* Fix"):
-        kto_method.tokenize_dataset(rows, tokenizer)
+            ref_kl = _sums(tr.model, trl_batch, "KL_")
+    assert metrics["z0"].item() == pytest.approx(tr._metrics[mode]["kl"][-1], rel=0, abs=_z0_atol(policy_kl, ref_kl))
 
 
 def test_flipped_pairs_flip_both_unpaired_labels_and_keep_the_scores_with_their_completions():
     pairs = [{**r, "score_chosen": 1.0, "score_rejected": 0.0} for r in ROWS]
-    flipped = kto_method.flip_pairs(pairs, 0.5, seed=0)
+    flipped = flip_pairs(pairs, 0.5, seed=0)
     assert sum(r["flipped"] for r in flipped) == 2
     for before, after in zip(pairs, flipped):
         if after["flipped"]:
             assert (after["chosen"], after["rejected"]) == (before["rejected"], before["chosen"])
             assert (after["score_chosen"], after["score_rejected"]) == (0.0, 1.0)
-    rows = kto_method.unpaired_rows(flipped, seed=0)
+    rows = unpaired_rows(flipped, seed=0)
     assert len(rows) == 8 and all((r["score"] == 1.0) != r["flipped"] for r in rows if r["label"])

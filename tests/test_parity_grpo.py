@@ -9,60 +9,38 @@ relative on the loss, 1e-4 on the gradients (fp32; TRL's fused LM head sums in a
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import GRPOTrainer
 
-from rlcourse.methods.online import OnlineConfig, Rollouts, completion_logprobs, trl_inputs, trl_online_config
-from rlcourse.losses.policy_gradient import grpo_advantages, grpo_loss
-from rlcourse.models import LoraSettings, reference_policy, tiny_model
-from rlcourse.sampling import SamplingSettings
-from rlcourse.tasks import get_task
-from rlcourse.train import TrainConfig
+from rlcourse.losses.grpo import grpo_loss
+from rlcourse.methods import grpo
+from rlcourse.methods.rollouts import Rollouts, completion_logprobs
+from rlcourse.models import reference_policy
 
-G, PROMPTS, MAX_NEW = 4, 2, 6
+from fixtures import ROLLOUT, flat_grads, length_reward, rescore_trl_rollouts
 
-
-def length_reward(prompts, completions, **kwargs):
-    """A deterministic reward with spread on a random model's gibberish: characters modulo 7."""
-    return [float(len(c[-1]["content"]) % 7) for c in completions]
+G, MAX_NEW = ROLLOUT.num_generations, ROLLOUT.sampling.max_new_tokens
 
 
 @pytest.fixture(scope="module")
-def setup(tokenizer, tmp_path_factory):
-    rows = list(get_task("arithmetic").prompts("train").select(range(PROMPTS)))
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    config = OnlineConfig(num_generations=G, prompts_per_step=PROMPTS,
-                          sampling=SamplingSettings(max_new_tokens=MAX_NEW))
-    train = TrainConfig(steps=1, batch_size=config.completions_per_step, learning_rate=1e-3, bf16=False)
-    args = trl_online_config(config, train, tmp_path_factory.mktemp("grpo"), beta=0.04)
-    trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # move the policy away from the reference (adapters' B = 0 at init)
-        if ".default." in name and "lora_B" in name:
-            p.data.normal_(0, 0.05)
+def setup(make_online_trainer, tokenizer):
+    trainer, rows = make_online_trainer(grpo, grpo.Settings(beta=0.04))
     trainer.current_gradient_accumulation_steps = 1
-    model.train()
-    batch = Rollouts(model, tokenizer, rows, length_reward, config, seed=3)(0)
-    return trainer, model, rows, config, batch
+    batch = Rollouts(trainer.model, tokenizer, rows, length_reward, ROLLOUT, seed=3)(0)
+    return trainer, rows, batch
 
 
-def _grads(model):
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
-
-
-def _both(trainer, model, batch, variant):
+def _both(trainer, batch, variant):
     """(our loss, our grads), (TRL's loss, TRL's grads) on ``batch`` for the trainer settings in ``variant``."""
+    model = trainer.model
     for k, v in variant.items():
         setattr(trainer, k, v)
     trainer.args.use_bias_correction_kl = variant.get("kl_bias_correction", True)
-    mask = batch["completion_mask"].float()
+    mask = batch.completion_mask.float()
     with torch.no_grad(), reference_policy(model):
         ref, _ = completion_logprobs(model, batch)
     with torch.no_grad():
         current, _ = completion_logprobs(model, batch)
     old = current + 0.3 * torch.randn(current.shape, generator=torch.Generator().manual_seed(0)) * mask  # ρ ≠ 1
-    adv = grpo_advantages(batch["rewards"], G)
+    adv = grpo.advantages(batch, grpo.Settings(), ROLLOUT)
 
     model.zero_grad()
     logps, _ = completion_logprobs(model, batch)
@@ -70,13 +48,13 @@ def _both(trainer, model, batch, variant):
                      trainer.importance_sampling_level, trainer.loss_type, MAX_NEW,
                      kl_bias_correction=trainer.args.use_bias_correction_kl)
     ours.backward()
-    our_grads = _grads(model)
+    our_grads = flat_grads(model)
 
     model.zero_grad()
-    inputs = trl_inputs(batch | {"advantages": adv}) | {"old_per_token_logps": old, "ref_per_token_logps": ref}
+    inputs = grpo.trl_inputs(batch, adv) | {"old_per_token_logps": old, "ref_per_token_logps": ref}
     theirs = trainer._compute_loss(model, inputs)
     theirs.backward()
-    return (ours.detach(), our_grads), (theirs.detach(), _grads(model))
+    return (ours.detach(), our_grads), (theirs.detach(), flat_grads(model))
 
 
 VARIANTS = {
@@ -95,8 +73,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_loss_and_gradients_match_trl_on_fixed_completions(setup, name):
-    trainer, model, _, _, batch = setup
-    (ours, our_grads), (theirs, their_grads) = _both(trainer, model, batch, VARIANTS[name])
+    trainer, _, batch = setup
+    (ours, our_grads), (theirs, their_grads) = _both(trainer, batch, VARIANTS[name])
     assert theirs.abs() > 1e-4, "a vanishing loss would make the comparison empty"
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(our_grads, their_grads, rtol=1e-4, atol=1e-6)
@@ -104,23 +82,30 @@ def test_loss_and_gradients_match_trl_on_fixed_completions(setup, name):
 
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 def test_advantages_match_trl_on_its_own_completions(setup, tokenizer, scale_rewards):
-    trainer, model, rows, config, _ = setup
+    trainer, rows, _ = setup
     trainer.scale_rewards = scale_rewards
-    inputs = [dict(r) for r in rows for _ in range(G)]  # TRL's sampler repeats each prompt G times
-    torch.manual_seed(0)
-    out = trainer._generate_and_score_completions(inputs)
-    prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(out["prompt_ids"], out["prompt_mask"])]
-    completion_ids = [ids[m.bool()].tolist() for ids, m in zip(out["completion_ids"], out["completion_mask"])]
-    ours = Rollouts(model, tokenizer, rows, length_reward, config).score(rows, prompt_ids, completion_ids)
-    assert torch.equal(ours["completion_ids"], out["completion_ids"])
-    assert torch.equal(ours["prompt_ids"], out["prompt_ids"])
-    assert ours["rewards"].std() > 0
-    torch.testing.assert_close(grpo_advantages(ours["rewards"], G, scale_rewards), out["advantages"],
-                               rtol=1e-5, atol=1e-6)
+    out, ours = rescore_trl_rollouts(trainer, tokenizer, rows, ROLLOUT)
+    assert torch.equal(ours.completion_ids, out["completion_ids"])
+    assert torch.equal(ours.prompt_ids, out["prompt_ids"])
+    assert ours.rewards.std() > 0
+    torch.testing.assert_close(grpo.advantages(ours, grpo.Settings(scale_rewards=scale_rewards), ROLLOUT),
+                               out["advantages"], rtol=1e-5, atol=1e-6)
 
 
-def test_our_prompt_tokens_are_trls(setup, tokenizer):
-    trainer, _, rows, _, batch = setup
+def test_the_step_logs_the_advantages_that_trl_inputs_carry(setup):
+    """The step writes nothing into the batch: ``grpo.advantages`` computes the advantages, ``trl_inputs`` carries
+    them to TRL's loss, and the step logs the same ones."""
+    trainer, _, batch = setup
+    adv = grpo.advantages(batch, grpo.Settings(), ROLLOUT)
+    inputs = grpo.trl_inputs(batch, adv)
+    assert inputs["advantages"] is adv and inputs["num_items_in_batch"] == batch.completion_mask.sum()
+    with torch.no_grad():
+        _, metrics = grpo.grpo_step(trainer.model, batch, grpo.Settings(), ROLLOUT)
+    assert metrics["advantages/abs_max"] == adv.abs().max() and metrics["advantages/std"] == adv.std()
+
+
+def test_our_prompt_tokens_are_trls(setup):
+    trainer, rows, batch = setup
     trl_ids, _, _ = trainer._tokenize_prompts([r["prompt"] for r in rows])
-    ours = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    ours = [ids[m.bool()].tolist() for ids, m in zip(batch.prompt_ids, batch.prompt_mask)]
     assert ours == [list(ids) for ids in trl_ids for _ in range(G)]

@@ -8,6 +8,8 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
+from rlcourse import reward_artifact, reward_eval
+from rlcourse.batches import collate_reward_pairs
 from rlcourse.methods import reward_model as rm
 from rlcourse.models import LoraSettings
 from rlcourse.train import TrainConfig, train
@@ -51,9 +53,10 @@ def _trainer(tokenizer, tmp_path, margin_scale=0.0, center=None, bf16=False):
                 p.normal_(0, 0.05)
     config = TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=bf16)
     data = rm.add_margin(Dataset.from_list(ROWS), margin_scale)
-    args = trl_config(RewardConfig, config, tmp_path, max_length=128, center_rewards_coefficient=center)
+    settings = rm.Settings(center_rewards_coefficient=center)
+    args = trl_config(RewardConfig, config, tmp_path, **rm.trl_kwargs(settings, 128))
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    ours = rm.batch_fn(rm.tokenize_pairs(data, tokenizer, 128), 4, tokenizer.pad_token_id)(0)
+    ours = rm.batches(data, tokenizer, 4, 128)(0)
     return trainer, ours
 
 
@@ -65,21 +68,21 @@ def plain(tokenizer, tmp_path_factory):
 def test_batches_are_identical(tokenizer, tmp_path):
     trainer, ours = _trainer(tokenizer, tmp_path, margin_scale=2.0)
     theirs = next(iter(trainer.get_train_dataloader()))
-    assert torch.equal(theirs["input_ids"], ours["input_ids"])  # (2B, T), chosen first
-    assert torch.equal(theirs["attention_mask"], ours["attention_mask"])
-    torch.testing.assert_close(theirs["margin"], ours["margin"])
+    assert torch.equal(theirs["input_ids"], ours.input_ids)  # (2B, T), chosen first
+    assert torch.equal(theirs["attention_mask"], ours.attention_mask)
+    torch.testing.assert_close(theirs["margin"], ours.margin)
     expected = torch.tensor([2.0 * (sc - sr) for *_, sc, sr in PAIRS])
-    torch.testing.assert_close(ours["margin"], expected)
+    torch.testing.assert_close(ours.margin, expected)
 
 
 def test_sequence_rewards_read_the_last_real_token_as_transformers_does(plain):
     """Our pooling (last position of the attention mask) equals transformers' (last token that is not the pad
     token) on a right-padded batch: SmolLM2's template ends with "<|im_end|>\\n", and "\\n" is not padding."""
     trainer, ours = plain
-    assert (ours["attention_mask"] == 0).any()  # the batch is padded
+    assert (ours.attention_mask == 0).any()  # the batch is padded
     with torch.no_grad():
-        theirs = trainer.model(input_ids=ours["input_ids"], attention_mask=ours["attention_mask"]).logits.squeeze(-1)
-        mine = rm.sequence_rewards(trainer.model, ours["input_ids"], ours["attention_mask"])
+        theirs = trainer.model(input_ids=ours.input_ids, attention_mask=ours.attention_mask).logits.squeeze(-1)
+        mine = rm.sequence_rewards(trainer.model, ours.input_ids, ours.attention_mask)
     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     assert theirs.std() > 1e-3  # the check means something only if the rewards differ
 
@@ -91,7 +94,7 @@ def test_loss_and_metrics_match_trl(tokenizer, tmp_path, margin_scale, center):
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, dict(batch))
-        our_loss, metrics = rm.reward_step(trainer.model, ours, center_rewards_coefficient=center)
+        our_loss, metrics = rm.reward_step(trainer.model, ours, rm.Settings(center_rewards_coefficient=center))
     assert our_loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     for name in ("accuracy", "margin", "mean_reward", "min_reward", "max_reward"):
@@ -104,7 +107,8 @@ def test_margin_and_centering_change_the_loss(tokenizer, tmp_path):
     for margin_scale, center in [(0.0, None), (2.0, None), (0.0, 0.5)]:
         trainer, ours = _trainer(tokenizer, tmp_path / f"{margin_scale}-{center}", margin_scale, center)
         with torch.no_grad():
-            losses[margin_scale, center] = rm.reward_step(trainer.model, ours, center)[0].item()
+            settings = rm.Settings(center_rewards_coefficient=center)
+            losses[margin_scale, center] = rm.reward_step(trainer.model, ours, settings)[0].item()
     assert len({round(v, 6) for v in losses.values()}) == 3
 
 
@@ -120,7 +124,7 @@ def test_one_training_step_matches_trl_gradients(tokenizer, tmp_path):
         if p.requires_grad:
             p.data = start[n].clone()
     config = TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=False)
-    train(model, lambda step: ours, rm.step_fn(rm.RewardModelConfig(center_rewards_coefficient=0.01)), config,
+    train(model, lambda step: ours, rm.step_fn(rm.Settings(center_rewards_coefficient=0.01)), config,
           tmp_path / "ours", progress=False)
     moved = False
     for n, p in model.named_parameters():
@@ -152,10 +156,10 @@ def test_margin_needs_gold_scores_and_names_the_row():
 
 def test_heldout_eval_and_probe(plain, tokenizer):
     trainer, _ = plain
-    res = rm.heldout_eval(trainer.model, tokenizer, ROWS, batch_size=3)
+    res = reward_eval.heldout_eval(trainer.model, tokenizer, ROWS, batch_size=3)
     assert res.chosen.shape == res.rejected.shape == (4,)
     assert 0 <= res.accuracy <= 1 and -1 <= res.spearman <= 1
-    probe = rm.make_probe(tokenizer, ROWS, batch_size=2)(trainer.model)
+    probe = reward_eval.make_probe(tokenizer, ROWS, batch_size=2)(trainer.model)
     assert probe == {"eval_accuracy": res.accuracy, "eval_spearman": pytest.approx(res.spearman, abs=1e-6)}
 
 
@@ -164,15 +168,15 @@ def test_saved_model_reloads_with_the_same_scores(plain, tokenizer, tmp_path):
 
     trainer, _ = plain
     model = trainer.model
-    rm.save_reward_model(model, tmp_path / "rm", {"seed": 0})
+    reward_artifact.save_reward_model(model, tmp_path / "rm", {"seed": 0})
     assert json.loads((tmp_path / "rm" / "reward_model.json").read_text()) == {"seed": 0}
     base = tiny_reward_model(tokenizer)  # the same transformer ...
     with torch.no_grad():
         base.score.weight.normal_(0, 0.5)  # ... with another head: the saved one must replace it
     reloaded = PeftModel.from_pretrained(base, tmp_path / "rm")
     with torch.no_grad():
-        a = rm.score_pairs(model, tokenizer, ROWS)
-        b = rm.score_pairs(reloaded, tokenizer, ROWS)
+        a = reward_eval.score_pairs(model, tokenizer, ROWS)
+        b = reward_eval.score_pairs(reloaded, tokenizer, ROWS)
     assert (a[0] != 0).all()
     for x, y in zip(a, b):
         assert x.tolist() == pytest.approx(y.tolist(), rel=1e-6)
@@ -183,9 +187,10 @@ def test_load_or_train_refuses_a_model_trained_otherwise(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "reward_model.json").write_text(json.dumps({"profile": "ci", "seed": 0, "task": "concise",
                                                           "config": {"margin_scale": 1.0}}))
-    monkeypatch.setattr(rm, "load_saved_reward_model", lambda f: (None, json.loads((f / "reward_model.json").read_text())))
+    monkeypatch.setattr(reward_artifact, "load_saved_reward_model",
+                        lambda f: (None, json.loads((f / "reward_model.json").read_text())))
     with pytest.raises(ValueError, match="trained with"):
-        rm.load_or_train_reward_model("ci", folder=folder)
+        reward_artifact.load_or_train_reward_model("ci", folder=folder)
 
 
 # README pitfall 2, on a tiny 4-bit model: TRL casts every trainable parameter of a quantized model to bf16,
@@ -251,13 +256,13 @@ def test_our_loop_casts_the_head_like_trl_and_runs(quantized, tokenizer, tmp_pat
     from peft import get_peft_model
 
     model = get_peft_model(quantized(), LoraSettings(r=4, alpha=8).peft_config(task_type="SEQ_CLS"))
-    batch = rm.batch_fn(rm.tokenize_pairs(ROWS, tokenizer), 4, tokenizer.pad_token_id)
-    log = train(model, batch, rm.step_fn(rm.RewardModelConfig()),
+    batches = rm.batches(ROWS, tokenizer, 4, None)
+    log = train(model, batches, rm.step_fn(rm.Settings()),
                 TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=bf16), tmp_path, progress=False)
     dtype = torch.bfloat16 if bf16 else torch.float32
     assert all(p.dtype == dtype for p in model.parameters() if p.requires_grad)
     assert log.rows[0]["grad_norm"] > 0
-    res = rm.heldout_eval(model, tokenizer, ROWS)  # scoring outside training: autocast where the head is bf16
+    res = reward_eval.heldout_eval(model, tokenizer, ROWS)  # scoring outside training: autocast where the head is bf16
     assert res.chosen.dtype == res.rejected.dtype and len(res.chosen) == 4
 
 
@@ -269,13 +274,13 @@ def test_on_plain_text_transformers_reads_the_token_before_the_final_eos(plain, 
     rows = [{"prompt": "Q: Why is the sky blue?\nA:", "chosen": " Scattering.", "rejected": " No idea, sorry."}]
     pair = rm.tokenize_pair(tokenizer, rows[0])
     assert pair["chosen_ids"][-1] == tokenizer.eos_token_id == tokenizer.pad_token_id
-    batch = rm.collate_pairs([pair], tokenizer.pad_token_id)
+    batch = collate_reward_pairs([pair], tokenizer.pad_token_id)
     with torch.no_grad():
-        theirs = trainer.model(**batch).logits.squeeze(-1)
-        mine = rm.sequence_rewards(trainer.model, batch["input_ids"], batch["attention_mask"])
-        shorter = batch["attention_mask"].clone()
+        theirs = trainer.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
+        mine = rm.sequence_rewards(trainer.model, batch.input_ids, batch.attention_mask)
+        shorter = batch.attention_mask.clone()
         shorter[torch.arange(2), shorter.sum(-1) - 1] = 0  # drop the final EOS from our pooling
-        before_eos = rm.sequence_rewards(trainer.model, batch["input_ids"], shorter)
+        before_eos = rm.sequence_rewards(trainer.model, batch.input_ids, shorter)
     assert not torch.allclose(mine, theirs)
     torch.testing.assert_close(before_eos, theirs, rtol=1e-5, atol=1e-6)
 
@@ -291,12 +296,12 @@ def test_load_or_train_trains_saves_and_then_loads_the_same_model(tokenizer, tmp
     monkeypatch.setattr(models, "load_reward_model", tiny_loader)
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: tokenizer)
     folder = tmp_path / "ci" / "reward_model"
-    trained, meta = rm.load_or_train_reward_model("ci", folder=folder)
+    trained, meta = reward_artifact.load_or_train_reward_model("ci", folder=folder)
     assert (folder / "reward_model.json").exists() and (tmp_path / "ci" / "ours" / "checkpoint").exists()
     assert meta["profile"] == "ci" and meta["train"]["steps"] == 3 and 0 <= meta["heldout"]["accuracy"] <= 1
-    loaded, meta2 = rm.load_or_train_reward_model("ci", folder=folder)
+    loaded, meta2 = reward_artifact.load_or_train_reward_model("ci", folder=folder)
     assert meta2 == meta and not any(p.requires_grad for p in loaded.parameters())
     rows = ROWS[:2]
-    a, b = rm.score_pairs(trained, tokenizer, rows), rm.score_pairs(loaded, tokenizer, rows)
+    a, b = reward_eval.score_pairs(trained, tokenizer, rows), reward_eval.score_pairs(loaded, tokenizer, rows)
     for x, y in zip(a, b):
         assert x.tolist() == pytest.approx(y.tolist(), abs=1e-2)  # bf16 training vs fp32 reload, under autocast

@@ -2,29 +2,21 @@
 
 import pytest
 import torch
-from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from rlcourse.metrics import MetricsLog
 from rlcourse.methods import sft
-from rlcourse.models import LoraSettings, tiny_model
 from rlcourse.parity import assert_first_step
 from rlcourse.train import TrainConfig
 from rlcourse.trl_runs import trl_config
 
-ROWS = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-        for q, a in [("Why is the sky blue?", "Air scatters blue light."), ("2 + 2?", "4"),
-                     ("Name a planet.", "Mars, the red planet."), ("Say hi.", "Hi!")]]
+from fixtures import MAX_LENGTH, SFT_ROWS
 
 
 @pytest.fixture(scope="module")
-def trainer_and_ours(tokenizer, tmp_path_factory):
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    config = TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, bf16=False)
-    args = trl_config(SFTConfig, config, tmp_path_factory.mktemp("trl"), max_length=64, completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)
-    ours = sft.batch_fn(sft.tokenize_dataset(ROWS, tokenizer), 4, tokenizer.pad_token_id, 64)(0)
-    return trainer, ours
+def trainer_and_ours(make_trainer, tokenizer):
+    trainer = make_trainer(sft, sft.Settings(), SFT_ROWS, perturb=None)
+    return trainer, sft.batches(SFT_ROWS, tokenizer, 4, MAX_LENGTH)(0)
 
 
 def test_trl_config_makes_runs_comparable(tmp_path):
@@ -39,10 +31,10 @@ def test_trl_config_makes_runs_comparable(tmp_path):
 def test_batches_are_identical(trainer_and_ours):
     trainer, ours = trainer_and_ours
     theirs = next(iter(trainer.get_train_dataloader()))
-    assert torch.equal(theirs["input_ids"], ours["input_ids"])
-    assert torch.equal(theirs["attention_mask"], ours["attention_mask"])
+    assert torch.equal(theirs["input_ids"], ours.input_ids)
+    assert torch.equal(theirs["attention_mask"], ours.attention_mask)
     # TRL marks trained tokens with labels != -100; ours with completion_mask
-    assert torch.equal(theirs["labels"] != -100, ours["completion_mask"].bool())
+    assert torch.equal(theirs["labels"] != -100, ours.completion_mask.bool())
 
 
 @pytest.mark.parametrize("loss_type,dft", [("nll", False), ("dft", True)])
@@ -52,7 +44,7 @@ def test_loss_matches_trl(trainer_and_ours, loss_type, dft):
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, dict(batch))
-        our_loss, _ = sft.sft_step(trainer.model, ours, dft=dft)
+        our_loss, _ = sft.sft_step(trainer.model, ours, sft.Settings(dft=dft))
     assert our_loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
 
 

@@ -136,7 +136,7 @@ def test_train_casts_a_plain_model_only_when_asked(tokenizer, tmp_path):
     rows = [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello!"}]}]
     from rlcourse.train import train
 
-    batches = sft.batch_fn(sft.tokenize_dataset(rows * 2, tokenizer), 2, tokenizer.pad_token_id, 32)
+    batches = sft.batches(rows * 2, tokenizer, 2, 32)
     train(model, batches, sft.step_fn(), TrainConfig(steps=1, batch_size=2, learning_rate=1e-3, bf16=True), tmp_path,
           progress=False)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

@@ -4,6 +4,7 @@ have notebooks, the version check works, and no test can reach the internet."""
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.metadata as metadata
 import json
@@ -268,6 +269,124 @@ def test_notebook_prints_its_precision_and_never_forces_bf16(path):
     if path.name not in COMPARE_PRECISIONS:
         forced = re.findall(r"autocast\([^)]*bfloat16|trainable_to\([^)]*bfloat16|compute_dtype=torch\.bfloat16", code)
         assert not forced, f"{path.name} forces bf16 ({forced}): use precision.autocast(...) / precision.current().dtype"
+
+
+PROFILE_NAMES = {"ci", "cpu", "gpu"}
+LEARNING_RATE = re.compile(r"(^|_)(lr|learning_rate)$")
+
+
+def _is_number(node) -> bool:
+    node = node.operand if isinstance(node, ast.UnaryOp) else node
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float)
+
+
+def _literal_rate(name, value) -> bool:
+    """A learning rate (a name like lr, learning_rate, warm_start_learning_rate) written as a number; 0, no update
+    at all, is not a size."""
+    return isinstance(name, str) and bool(LEARNING_RATE.search(name)) and _is_number(value) \
+        and ast.literal_eval(value) != 0
+
+
+def _compares_profile_name(node) -> bool:
+    """``P.name == "ci"``, ``profile != "gpu"``, ``P.name in ("ci", "cpu")``."""
+    for cmp in (n for n in ast.walk(node) if isinstance(n, ast.Compare)):
+        for side in [cmp.left, *cmp.comparators]:
+            values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            if any(isinstance(v, ast.Constant) and v.value in PROFILE_NAMES for v in values):
+                return True
+    return False
+
+
+@functools.cache
+def _rlcourse_parameters() -> dict[str, list[list[str]]]:
+    """{function name: [its positional parameter names, per definition]} over the package, to name positional
+    arguments: ``sft.warm_start(model, tok, task, 30, 8, 5e-4, out)`` passes 5e-4 as ``learning_rate``."""
+    params = {}
+    for path in (ROOT / "rlcourse").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [a.arg for a in node.args.posonlyargs + node.args.args]
+                params.setdefault(node.name, []).append(names[1:] if names[:1] in (["self"], ["cls"]) else names)
+    return params
+
+
+def _sizes_outside_profiles(source: str) -> list[str]:
+    """Run sizes and learning rates that a code cell sets itself instead of reading them from the profile.
+
+    Flags a table keyed by profile names ({"ci": ..., "cpu": ...}, dict(ci=..., gpu=...)), a lookup by the
+    profile's name (X[P.name]), a number chosen by comparing the profile's name (3 if P.name == "ci" else 60, or
+    an ``if P.name ...:`` that assigns one), and a learning rate written as a number (learning_rate = 5e-4,
+    lr=0.05, {"learning_rate": 2e-4}, or positionally to an rlcourse function whose parameter is one).
+    """
+    code = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+    found = []
+    for node in ast.walk(ast.parse(code)):
+        at = f"line {getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Dict):
+            if len({k.value for k in node.keys if isinstance(k, ast.Constant)} & PROFILE_NAMES) >= 2:
+                found.append(f"{at}: a table keyed by profile names")
+            found += [f"{at}: {k.value!r}: a learning rate written as a number" for k, v in zip(node.keys, node.values)
+                      if isinstance(k, ast.Constant) and _literal_rate(k.value, v)]
+        elif isinstance(node, ast.Call):
+            if len({k.arg for k in node.keywords} & PROFILE_NAMES) >= 2:
+                found.append(f"{at}: a table keyed by profile names")
+            found += [f"{at}: {k.arg}=: a learning rate written as a number" for k in node.keywords
+                      if _literal_rate(k.arg, k.value)]
+            called = getattr(node.func, "attr", getattr(node.func, "id", None))
+            found += sorted({f"{at}: {names[i]}, argument {i + 1} of {called}: a learning rate written as a number"
+                             for names in _rlcourse_parameters().get(called, [])
+                             for i, arg in enumerate(node.args[:len(names)]) if _literal_rate(names[i], arg)})
+        elif isinstance(node, ast.Subscript):
+            key = node.slice
+            if (isinstance(key, ast.Attribute) and key.attr == "name" and isinstance(key.value, ast.Name)
+                    and key.value.id == "P") or (isinstance(key, ast.Name) and key.id == "profile"):
+                found.append(f"{at}: a lookup by the profile's name")
+        elif isinstance(node, ast.IfExp) and _compares_profile_name(node.test):
+            if _is_number(node.body) or _is_number(node.orelse):
+                found.append(f"{at}: a number chosen by the profile's name")
+        elif isinstance(node, ast.If) and _compares_profile_name(node.test):
+            if any(isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and n.value is not None
+                   and _is_number(n.value) for branch in (node.body, node.orelse) for s in branch for n in ast.walk(s)):
+                found.append(f"{at}: a number chosen by the profile's name")
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [f"{at}: {t.id} = a learning rate written as a number" for t in targets
+                      if isinstance(t, ast.Name) and _literal_rate(t.id, node.value)]
+    return found
+
+
+@pytest.mark.parametrize("source, flagged", [
+    ('S = {"ci": dict(steps=3), "cpu": dict(steps=40)}[P.name]', True),
+    ("n = dict(ci=2, gpu=8)", True),
+    ("n = SIZES[P.name]", True),
+    ('n = steps or (3 if P.name == "ci" else 60)', True),
+    ('if P.name != "ci":\n    repeats = 5', True),
+    ("learning_rate = 5e-4", True),
+    ("train(model, lr=-2e-4)", True),
+    ('cfg = {"warm_start_learning_rate": 5e-4}', True),
+    ('sft.warm_start(policy, tok, task, 30, 8, 5e-4, out / "warm_start")', True),
+    ("%matplotlib inline\nlearning_rate = 5e-4", True),
+    ("learning_rate = None  # None: the profile's", False),
+    ("lr = learning_rate or P.preference_learning_rate", False),
+    ("TrainConfig(steps=1, learning_rate=0.0)", False),
+    ('probe_at = {P.steps} if P.name == "ci" else probe_steps(P.steps, every=P.probe_every)', False),
+    ('out = build_dir("06_ipo", P.name)', False),
+    ("assert diff < 1e-4", False),
+    ('sft.warm_start(policy, tok, task, S["warm_start_steps"], P.batch_size, S["warm_start_learning_rate"], out)',
+     False),
+])
+def test_size_check_flags_tables_and_literal_learning_rates(source, flagged):
+    assert bool(_sizes_outside_profiles(source)) == flagged, _sizes_outside_profiles(source)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_takes_its_sizes_from_the_profile(path):
+    """Every run size and learning rate lives in rlcourse/profiles.py: a notebook reads them from
+    its profile, and its parameters cell may only override them (None: the profile's)."""
+    problems = [f"cell {i} {p}" for i, cell in enumerate(_read(path).cells) if cell.cell_type == "code"
+                for p in _sizes_outside_profiles(cell.source)]
+    assert not problems, (f"{path.name} sets sizes itself; move them to rlcourse/profiles.py and read them from "
+                          f"the profile:\n" + "\n".join(problems))
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=_ids(LESSONS))

@@ -7,20 +7,20 @@ import torch
 
 from rlcourse.metrics import MetricsLog
 from rlcourse.methods import sft
-from rlcourse.models import LoraSettings, tiny_model
+from rlcourse.models import REF_ADAPTER, add_reference_adapter
 from rlcourse.train import TrainConfig, train
 
-QA = [("What is 2 + 2?", "4."), ("Name a fruit.", "An apple."), ("Say hi.", "Hi!"), ("Colour of grass?", "Green."),
-      ("Opposite of up?", "Down."), ("A pet?", "A cat.")]
+from fixtures import sft_rows, tiny_policy
+
+ROWS = sft_rows([("What is 2 + 2?", "4."), ("Name a fruit.", "An apple."), ("Say hi.", "Hi!"),
+                 ("Colour of grass?", "Green."), ("Opposite of up?", "Down."), ("A pet?", "A cat.")])
 CONFIG = TrainConfig(steps=5, batch_size=2, learning_rate=1e-2, checkpoint_every=2, seed=3)
 
 
 def _run(tokenizer, out_dir, step_fn=None, **kwargs):
-    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-            for q, a in QA]
-    model = tiny_model(tokenizer, seed=0, lora=LoraSettings(r=4, alpha=8))
-    batches = sft.batch_fn(sft.tokenize_dataset(rows, tokenizer), 2, tokenizer.pad_token_id, 64)
-    log = train(model, batches, step_fn or sft.step_fn(), CONFIG, out_dir, progress=False, **kwargs)
+    model = tiny_policy(tokenizer)
+    log = train(model, sft.batches(ROWS, tokenizer, 2, 64), step_fn or sft.step_fn(), CONFIG, out_dir,
+                progress=False, **kwargs)
     return model, log
 
 
@@ -73,14 +73,12 @@ def test_finished_run_is_reused_and_restart_keeps_the_old_one(tokenizer, tmp_pat
     assert list(tmp_path.glob("run.bak-*")), "resume=False must move the previous run aside, not delete it"
 
 
-def test_resuming_with_another_configuration_is_refused(tokenizer, tmp_path):
+def test_resuming_with_another_configuration_is_refused(tokenizer, policy, tmp_path):
     _run(tokenizer, tmp_path / "run")
-    rows = [{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": "b"}]}]
-    model = tiny_model(tokenizer, lora=LoraSettings(r=4, alpha=8))
-    batches = sft.batch_fn(sft.tokenize_dataset(rows, tokenizer), 2, tokenizer.pad_token_id, 64)
+    batches = sft.batches(sft_rows([("a", "b")]), tokenizer, 2, 64)
     other = TrainConfig(steps=5, batch_size=2, learning_rate=5e-3, checkpoint_every=2, seed=3)
     with pytest.raises(ValueError, match="different configuration"):
-        train(model, batches, sft.step_fn(), other, tmp_path / "run", progress=False)
+        train(policy, batches, sft.step_fn(), other, tmp_path / "run", progress=False)
 
 
 def test_probe_results_are_merged_at_their_steps(tokenizer, tmp_path):
@@ -99,7 +97,6 @@ def test_resume_restores_a_moving_reference_adapter_and_the_step_functions_state
     """TR-DPO's reference adapter moves during training and BCO's δ or DRO's values live in the step function:
     an interrupted run must come back with both, not with a fresh reference or a zeroed state."""
     from rlcourse.methods.dpo import sync_reference
-    from rlcourse.models import REF_ADAPTER, add_reference_adapter
 
     def stateful_step(crash_at=None):
         state = {"calls": 0, "seen": 0.0}
@@ -119,12 +116,9 @@ def test_resume_restores_a_moving_reference_adapter_and_the_step_functions_state
         return step
 
     def run(out_dir, step_fn):
-        rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-                for q, a in QA]
-        model = tiny_model(tokenizer, seed=0, lora=LoraSettings(r=4, alpha=8))
+        model = tiny_policy(tokenizer)
         add_reference_adapter(model)
-        batches = sft.batch_fn(sft.tokenize_dataset(rows, tokenizer), 2, tokenizer.pad_token_id, 64)
-        train(model, batches, step_fn, CONFIG, out_dir, progress=False)
+        train(model, sft.batches(ROWS, tokenizer, 2, 64), step_fn, CONFIG, out_dir, progress=False)
         return model
 
     full_step = stateful_step()
@@ -154,3 +148,44 @@ def test_a_checkpoint_with_step_state_refuses_a_step_function_without_it(tokeniz
         _run(tokenizer, tmp_path / "run", step_fn=crash_after_state)
     with pytest.raises(ValueError, match="step function had state"):
         _run(tokenizer, tmp_path / "run", step_fn=sft.step_fn())
+
+
+@pytest.mark.parametrize("method", ["bco", "dro"])
+def test_bco_and_dro_steps_resume_through_train_with_their_state(tokenizer, tmp_path, method):
+    """BCO's running δ and DRO's value table (and its Adam) come back from the checkpoint: an interrupted run ends
+    where the uninterrupted one does, metrics, adapters and step state alike."""
+    from rlcourse.data import unpaired_rows
+    from rlcourse.methods import bco, dro, kto
+
+    from fixtures import PREFERENCE_ROWS
+
+    pairs = [{**r, "score_chosen": 1.0, "score_rejected": 0.2 * i} for i, r in enumerate(PREFERENCE_ROWS)]
+    batches = kto.batches(unpaired_rows(pairs, seed=0), tokenizer, 2, 64)
+    new_step = {"bco": lambda: bco.step_fn(bco.Settings(beta=0.5)),
+                "dro": lambda: dro.step_fn(batches.n_prompts, dro.Settings(tau=0.5, value_lr=0.1))}[method]
+
+    def crash_at_step_4(step):
+        if step == 3:
+            raise KeyboardInterrupt  # as if the user stopped the kernel during step 4
+        return batches(step)
+
+    def run(out_dir, walker, step_fn):
+        model = tiny_policy(tokenizer)
+        return model, train(model, walker, step_fn, CONFIG, out_dir, progress=False)
+
+    full_step = new_step()
+    model_full, full = run(tmp_path / "full", batches, full_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", crash_at_step_4, new_step())
+    resumed_step = new_step()
+    model_resumed, resumed = run(tmp_path / "run", batches, resumed_step)
+
+    assert _drop_time(resumed) == _drop_time(full)
+    for (n, p), (_, q) in zip(model_full.named_parameters(), model_resumed.named_parameters()):
+        assert torch.equal(p, q), n
+    if method == "bco":
+        assert resumed_step.state_dict() == full_step.state_dict() and full_step.shift.count == 10  # 5 steps × 2
+    else:
+        assert torch.equal(resumed_step.values.values, full_step.values.values)
+        assert full_step.values.values.abs().sum() > 0  # the values did move
+
