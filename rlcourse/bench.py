@@ -46,6 +46,7 @@ METHODS = {
     "sft": Bench("sft", "sft"),
     "reward": Bench("reward_model", "reward_pairs"),
     "dpo": Bench("dpo", "pairs"),
+    "ipo": Bench("ipo", "pairs"),
     "cpo": Bench("cpo", "pairs"),
     "simpo": Bench("simpo", "pairs"),
     "orpo": Bench("orpo", "pairs"),

@@ -13,7 +13,7 @@ from rlcourse.exercises import check_dpo_loss, check_implicit_reward, check_ipo_
 from rlcourse.logprobs import forward_logprobs, sequence_logps
 from rlcourse.losses import dpo_loss, implicit_reward, ipo_loss
 from rlcourse.losses.dpo import DPO_LOSSES
-from rlcourse.methods import dpo
+from rlcourse.methods import dpo, ipo
 from rlcourse.models import (REF_ADAPTER, add_reference_adapter, base_policy, reference_policy,
                              remove_reference_adapter)
 from rlcourse.tokenization import tokenize_pairs
@@ -123,7 +123,9 @@ def test_unknown_loss_type_and_bad_label_smoothing_are_refused():
         dpo_loss(a, a, a, a, 0.1, "robust", 0.5)
     with pytest.raises(ValueError, match="unknown loss_type"):
         dpo.Settings(loss_type="kto")
-    assert set(DPO_LOSSES) | {"ipo"} == set(dpo.LOSS_TYPES)
+    assert set(DPO_LOSSES) == set(dpo.LOSS_TYPES)
+    with pytest.raises(ValueError, match="IPO is rlcourse.methods.ipo"):
+        dpo.Settings(loss_type="ipo")
 
 
 # ── the step on the tiny model ───────────────────────────────────────────────────────────────────────────────
@@ -149,12 +151,12 @@ def test_padding_does_not_change_the_loss(tokenizer, policy):
     torch.testing.assert_close(both[[0, 2]], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_training_raises_the_margin(tokenizer, policy, tmp_path, loss_type):
+@pytest.mark.parametrize("step_fn", [dpo.step_fn(dpo.Settings(beta=0.5)), ipo.step_fn(ipo.Settings(beta=0.5))],
+                         ids=["dpo", "ipo"])
+def test_training_raises_the_margin(tokenizer, policy, tmp_path, step_fn):
     batches = dpo.batches(ROWS, tokenizer, 4, 64)
     config = TrainConfig(steps=6, batch_size=4, learning_rate=1e-2, bf16=False, checkpoint_every=100)
-    log = train(policy, batches, dpo.step_fn(dpo.Settings(beta=0.5, loss_type=loss_type)), config, tmp_path,
-                progress=False)
+    log = train(policy, batches, step_fn, config, tmp_path, progress=False)
     assert log["rewards/margins"][-1] > log["rewards/margins"][0] and log["rewards/accuracies"][-1] == 1.0
     assert log["loss"][-1] < log["loss"][0]
 

@@ -11,7 +11,7 @@ from trl.trainer.callbacks import SyncRefModelCallback
 
 from rlcourse.batches import PairBatch, Sequences
 from rlcourse.logprobs import sequence_logps
-from rlcourse.methods import dpo
+from rlcourse.methods import dpo, ipo
 from rlcourse.models import REF_ADAPTER, add_reference_adapter, reference_policy
 
 from fixtures import MAX_LENGTH, PREFERENCE_ROWS
@@ -54,8 +54,9 @@ def test_trl_uses_a_copy_of_the_fresh_adapter_as_reference(trainer):
     ("sigmoid", 0.0), ("robust", 0.2), ("hinge", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0), ("ipo", 0.0),
 ])
 def test_loss_and_metrics_match_trl(trainer, loss_type, label_smoothing):
-    settings = dpo.Settings(beta=0.5, loss_type=loss_type, label_smoothing=label_smoothing)
-    trainer.loss_types, trainer.beta, trainer.label_smoothing = [loss_type], settings.beta, label_smoothing
+    step = (ipo.step_fn(ipo.Settings(beta=0.5)) if loss_type == "ipo"  # IPO: its own module, TRL's loss_type
+            else dpo.step_fn(dpo.Settings(beta=0.5, loss_type=loss_type, label_smoothing=label_smoothing)))
+    trainer.loss_types, trainer.beta, trainer.label_smoothing = [loss_type], 0.5, label_smoothing
     batch = next(iter(trainer.get_train_dataloader()))
     trainer._metrics["train"].clear()
     trainer.model.train()
@@ -63,7 +64,7 @@ def test_loss_and_metrics_match_trl(trainer, loss_type, label_smoothing):
         trl_loss = trainer.compute_loss(trainer.model, dict(batch))
         # our reference: adapters disabled. TRL's: its "ref" adapter. Hide it so both use the same reference.
         with _without_ref_adapter(trainer.model):
-            our_loss, metrics = dpo.dpo_step(trainer.model, PairBatch(Sequences.from_dict(batch)), settings)
+            our_loss, metrics = step(trainer.model, PairBatch(Sequences.from_dict(batch)))
     assert our_loss.item() == pytest.approx(trl_loss.item(), rel=RTOL)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                  "logps/rejected", "entropy", "mean_token_accuracy"):

@@ -7,6 +7,6 @@
   (a small class with ``state_dict`` where the step carries state: BCO, DRO);
 - ``trl_kwargs(settings, ...)`` and ``trl_classes()``: the TRL trainer and config that run the same thing.
 
-sft, reward_model, dpo (and IPO), cpo, simpo, orpo, kto, bco, dro, rloo, grpo; ``rollouts`` is what the online ones
+sft, reward_model, dpo, ipo, cpo, simpo, orpo, kto, bco, dro, rloo, grpo; ``rollouts`` is what the online ones
 share. The losses themselves live in ``rlcourse.losses``.
 """
