@@ -21,6 +21,8 @@ from typing import Sequence, TypeVar
 import torch
 from trl.trainer.utils import pad
 
+from rlcourse.tokenization import join
+
 T = TypeVar("T")
 
 
@@ -128,11 +130,6 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int | None = No
                      completion_mask=pad(cmask, padding_value=0))
 
 
-def join(prompt_ids: list[int], completion_ids: list[int]) -> dict[str, list[int]]:
-    """One row for ``collate``: prompt + completion and the mask of the completion."""
-    return {"input_ids": prompt_ids + completion_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
-
-
 def collate_pairs(pairs: list[dict], pad_token_id: int, max_length: int | None = None) -> Sequences:
     """B tokenised pairs -> (2B, T) ``Sequences``, the B chosen first, as TRL's ``DataCollatorForPreference``."""
     rows = [join(p["prompt_ids"], p[side]) for side in ("chosen_ids", "rejected_ids") for p in pairs]
@@ -142,7 +139,7 @@ def collate_pairs(pairs: list[dict], pad_token_id: int, max_length: int | None =
 def collate_reward_pairs(pairs: list[dict], pad_token_id: int) -> RewardPairBatch:
     """B tokenised pairs (``chosen_ids``, ``rejected_ids``, optional ``margin``) -> a right-padded ``RewardPairBatch``
     of 2B whole sequences, the B chosen first, as TRL's reward collator (no truncation: too long pairs are dropped
-    before, ``rlcourse.methods.reward_model.tokenize_pairs``)."""
+    before, ``rlcourse.tokenization.tokenize_reward_pairs``)."""
     ids = [torch.tensor(p["chosen_ids"]) for p in pairs] + [torch.tensor(p["rejected_ids"]) for p in pairs]
     margin = torch.tensor([p["margin"] for p in pairs], dtype=torch.float) if "margin" in pairs[0] else None
     return RewardPairBatch(input_ids=pad(ids, padding_value=pad_token_id),  # (2B, T)
@@ -159,6 +156,18 @@ def mismatched_completions(completions: Sequence[T]) -> list[T]:
         raise ValueError(f"a batch of {len(completions)} example(s) has no mismatched pair: KTO's KL estimate needs "
                          "batch_size ≥ 2 (TRL refuses per_device_train_batch_size=1 for the same reason).")
     return [completions[-1], *completions[:-1]]
+
+
+def pad_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int) -> dict:
+    """TRL's layout: prompts left-padded (N, P), completions right-padded (N, C), with their masks."""
+    p = [torch.tensor(ids) for ids in prompt_ids]
+    c = [torch.tensor(ids) for ids in completion_ids]
+    return {
+        "prompt_ids": pad(p, padding_value=pad_token_id, padding_side="left"),  # (N, P)
+        "prompt_mask": pad([torch.ones_like(t) for t in p], padding_value=0, padding_side="left"),
+        "completion_ids": pad(c, padding_value=pad_token_id, padding_side="right"),  # (N, C)
+        "completion_mask": pad([torch.ones_like(t) for t in c], padding_value=0, padding_side="right"),
+    }
 
 
 # ── walkers: step -> batch ───────────────────────────────────────────────────────────────────────────────────
@@ -194,7 +203,7 @@ class PairBatches:
 
 @dataclass
 class RewardPairBatches:
-    """step -> ``RewardPairBatch`` of that step's pairs (``rlcourse.methods.reward_model.tokenize_pairs`` output)."""
+    """step -> ``RewardPairBatch`` of that step's pairs (``tokenization.tokenize_reward_pairs`` output)."""
 
     tokenized: list[dict]
     batch_size: int
@@ -221,7 +230,8 @@ class UnpairedBatches:
             raise ValueError(f"{n} rows in batches of {batch_size}: KTO's mismatched pairs are built within each batch "
                              "(as TRL builds them within each block of the dataset), which needs batch_size ≥ 2 and a "
                              f"number of rows divisible by it. Fix: {fix}.")
-        self.tokenized, self.batch_size, self.pad_token_id, self.max_length = tokenized, batch_size, pad_token_id, max_length
+        self.tokenized, self.batch_size = tokenized, batch_size
+        self.pad_token_id, self.max_length = pad_token_id, max_length
         self.prompt_index: dict[tuple, int] = {}
         for t in tokenized:
             self.prompt_index.setdefault(tuple(t["prompt_ids"]), len(self.prompt_index))

@@ -8,7 +8,9 @@ Every method comes from one table, ``METHODS``, and runs through the interface e
 one row. Each (method, implementation) runs in a fresh process, so peak RSS belongs to that run alone and one
 run's caches don't speed up the next. The first step (warm-up: allocations, kernel selection) is left out of
 the median. For the online methods, where sampling dominates a CPU step, ``.../generation`` rows give the
-seconds spent sampling and ``.../update`` the rest of the step (scoring, forward, backward, optimizer).
+seconds spent producing the batch and ``.../update`` the rest of the step. The split is not quite like for like:
+ours times the whole ``Rollouts`` call (sampling, decoding, the reward), TRL's its ``_generate`` (sampling and
+decoding; it scores afterwards, in ``.../update``). Compare the totals; read the parts as where the time goes.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def _offline(bench: Bench, impl: str, batch_size: int, steps: int, out) -> dict[
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=1e-4, checkpoint_every=10**9)
     if impl == "ours":
         batches = method.batches(rows, tok, batch_size, MAX_LENGTH)
-        return {"": train(model, batches, method.step_fn(settings), config, out, resume=False, progress=False)["step_time"]}
+        log = train(model, batches, method.step_fn(settings), config, out, resume=False, progress=False)
+        return {"": log["step_time"]}
     trainer_cls, config_cls = method.trl_classes()
     args = trl_config(config_cls, config, out, disable_tqdm=True, **method.trl_kwargs(settings, MAX_LENGTH))
     timer = StepTimer()
@@ -189,7 +192,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    rows = [row for m in args.methods for impl in ("ours", "TRL") for row in measure(m, impl, args.batch_size, args.steps)]
+    rows = [row for method in args.methods for impl in ("ours", "TRL")
+            for row in measure(method, impl, args.batch_size, args.steps)]
     precision = current_precision()
     device = f"{precision.device}: {precision.hardware}"
     lines = [f"Benchmark on {device}, batch {args.batch_size}, {args.steps} steps (first step excluded), "

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from rlcourse.batches import collate
-from rlcourse.logprobs import to_model_device
+from rlcourse.logprobs import shift_mask, to_model_device
 from rlcourse.tokenization import tokenize_prompt_completion
 from rlcourse.models import reference_policy
 
@@ -52,7 +52,7 @@ def exact_token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) = Σ_v p(v) [log p(v) − log q(v)] over the last axis, in nats.
 
     logp: (..., V) log-probabilities of the sampling distribution p (π_θ's next-token distribution, a
-    ``log_softmax`` output); logq: (..., V) those of q (π_ref). Returns (...), e.g. (B, T-1) for per-token
+    ``log_softmax`` output); logq: (..., V) those of q (π_ref). Returns (...), e.g. (N, T-1) for per-token
     distributions. Terms with p(v) = 0 count 0 (the limit of p log p), so a -inf in ``logp`` is fine.
     """
     if logp.shape != logq.shape:
@@ -76,7 +76,7 @@ def _check_pair(name: str, logps: torch.Tensor, ref_logps: torch.Tensor) -> None
 def kl_k1(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """k1 = −log r = log π_θ(y_t|s_t) − log π_ref(y_t|s_t)  (Schulman 2020, "the naive estimator").
 
-    logps, ref_logps: (B, T-1) log-probs of the sampled tokens under π_θ and π_ref (any equal shapes).
+    logps, ref_logps: (N, T-1) log-probs of the sampled tokens under π_θ and π_ref (any equal shapes).
     Returns the same shape. Unbiased for KL(π_θ ‖ π_ref) when y_t ~ π_θ(·|s_t), but negative for about
     half the tokens, so its variance is high. This is RLOO's penalty in TRL 1.16 (summed over tokens).
     """
@@ -134,13 +134,14 @@ def kl_penalized_rewards(
 ) -> torch.Tensor:
     """KL as a penalty in the reward: R(x, y) = r(x, y) − β · KL̂(y)  (Ziegler et al. 2019, Section 2.2).
 
-    rewards: (B,) task rewards r(x, y) of B sampled completions; logps, ref_logps: (B, T-1) log-probs of
-    the sampled tokens under π_θ (the policy that sampled them) and π_ref; mask: (B, T-1), 1 on completion
-    tokens. beta: β ≥ 0, a float or a (B,) tensor (one β per completion). estimator: "k1" (Ziegler et al., InstructGPT, TRL's RLOO), "k2" or "k3".
+    rewards: (N,) task rewards r(x, y) of N sampled completions; logps, ref_logps: (N, T-1) log-probs of
+    the sampled tokens under π_θ (the policy that sampled them) and π_ref; mask: (N, T-1), 1 on completion
+    tokens. beta: β ≥ 0, a float or a (N,) tensor (one β per completion). estimator: "k1" (Ziegler et al.,
+    InstructGPT, TRL's RLOO), "k2" or "k3".
 
-    - ``per_token=False`` returns (B,): r − β Σ_t m_t k_t, one number per completion, as TRL 1.16's RLOO
+    - ``per_token=False`` returns (N,): r − β Σ_t m_t k_t, one number per completion, as TRL 1.16's RLOO
       does before its leave-one-out baseline.
-    - ``per_token=True`` returns (B, T-1) token rewards: −β k_t on every completion token, with r added on
+    - ``per_token=True`` returns (N, T-1) token rewards: −β k_t on every completion token, with r added on
       the last one (PPO's layout, lesson 13). Its row sums equal the per-sequence version.
 
     The result is detached: a penalty in the reward is a number the policy gradient multiplies with
@@ -148,27 +149,27 @@ def kl_penalized_rewards(
     E[r] − β KL(π_θ ‖ π_ref).
     """
     if rewards.dim() != 1 or logps.dim() != 2 or rewards.shape[0] != logps.shape[0]:
-        raise ValueError(f"kl_penalized_rewards: rewards must be (B,) and logps (B, T-1) with the same B; got "
+        raise ValueError(f"kl_penalized_rewards: rewards must be (N,) and logps (N, T-1) with the same N; got "
                          f"rewards {tuple(rewards.shape)}, logps {tuple(logps.shape)}.")
     if mask.shape != logps.shape:
         raise ValueError(f"kl_penalized_rewards: mask has shape {tuple(mask.shape)} but logps {tuple(logps.shape)}.")
     beta = torch.as_tensor(beta, dtype=logps.dtype, device=logps.device)
     if (beta < 0).any():
         raise ValueError(f"kl_penalized_rewards: beta={beta.tolist()} is negative; a KL *penalty* needs beta >= 0.")
-    beta = beta.reshape(-1, 1) if beta.dim() else beta  # (B, 1) or a scalar
+    beta = beta.reshape(-1, 1) if beta.dim() else beta  # (N, 1) or a scalar
     mask = mask.to(logps.dtype)
     with torch.no_grad():
-        penalty = beta * _estimator(estimator)(logps, ref_logps) * mask  # (B, T-1)
+        penalty = beta * _estimator(estimator)(logps, ref_logps) * mask  # (N, T-1)
         if not per_token:
-            return rewards.to(logps.dtype) - penalty.sum(-1)  # (B,)
-        lengths = mask.sum(-1)  # (B,)
+            return rewards.to(logps.dtype) - penalty.sum(-1)  # (N,)
+        lengths = mask.sum(-1)  # (N,)
         empty = torch.nonzero(lengths == 0).flatten().tolist()
         if empty:
             raise ValueError(f"kl_penalized_rewards: rows {empty} have no completion token (mask all zero), so "
                              f"there is no token to put their reward on; drop those rows or fix their mask.")
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (B, T-1)
-        last = (positions * (mask > 0)).amax(-1)  # (B,): column of each row's last completion token
-        token_rewards = -penalty  # (B, T-1)
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (N, T-1)
+        last = (positions * (mask > 0)).amax(-1)  # (N,): column of each row's last completion token
+        token_rewards = -penalty  # (N, T-1)
         token_rewards[torch.arange(mask.shape[0]), last] += rewards.to(logps.dtype)
         return token_rewards
 
@@ -274,11 +275,11 @@ def sequence_kl(model, tokenizer, prompts: list, completions: list[str], batch_s
         ]
         batch = to_model_device(model, collate(rows, tokenizer.pad_token_id))
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        logp = F.log_softmax(model(**inputs).logits[:, :-1].float(), -1)  # (B, T-1, V)
+        logp = F.log_softmax(model(**inputs).logits[:, :-1].float(), -1)  # (N, T-1, V)
         with reference_policy(model):
-            logq = F.log_softmax(model(**inputs).logits[:, :-1].float(), -1)  # (B, T-1, V)
-        token_kl = exact_token_kl(logp, logq)  # (B, T-1)
-        mask = batch.completion_mask[:, 1:] * batch.attention_mask[:, 1:]
+            logq = F.log_softmax(model(**inputs).logits[:, :-1].float(), -1)  # (N, T-1, V)
+        token_kl = exact_token_kl(logp, logq)  # (N, T-1)
+        mask = shift_mask(batch.completion_mask, batch.attention_mask)  # (N, T-1)
         out.extend((token_kl * mask).sum(-1).tolist())
     model.train(was_training)
     return out

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # batches imports the losses, which import this module
+if TYPE_CHECKING:  # only for annotations: rlcourse.batches loads TRL's collation helpers
     from rlcourse.batches import Sequences
 
 
@@ -42,7 +42,8 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def shift_mask(completion_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The mask aligned with token_logprobs: 1 where token t+1 is a (non-padding) completion token. (N, T) -> (N, T-1)."""
+    """The mask aligned with token_logprobs: 1 where token t+1 is a (non-padding) completion token.
+    (N, T) -> (N, T-1)."""
     mask = completion_mask[:, 1:]
     if attention_mask is not None:
         mask = mask * attention_mask[:, 1:]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from rlcourse.batches import Sequences, collate
 from rlcourse.logprobs import forward_logprobs, to_model_device
-from rlcourse.tokenization import tokenize_prompt_completion
+from rlcourse.tokenization import tokenize_sft
 
 
 # ----------------------------------------------------------------------------- size of a model
@@ -287,7 +287,7 @@ def prose_paragraphs(min_words: int = 40) -> list[str]:
 def eval_batches(tokenizer, dataset, batch_size: int = 8, max_length: int | None = None) -> Iterator[Sequences]:
     """Right-padded ``Sequences`` (``input_ids``, ``attention_mask``, ``completion_mask``, each (N, T)) of a
     prompt/completion dataset, tokenized as TRL's SFTTrainer does (``rlcourse.tokenization``)."""
-    rows = [tokenize_prompt_completion(tokenizer, ex["prompt"], ex["completion"]) for ex in dataset]
+    rows = tokenize_sft(dataset, tokenizer)
     for start in range(0, len(rows), batch_size):
         yield collate(rows[start : start + batch_size], tokenizer.pad_token_id, max_length)
 

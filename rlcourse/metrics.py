@@ -140,3 +140,18 @@ def from_trl_history(log_history: list[dict]) -> MetricsLog:
     """TRL's ``trainer.state.log_history`` as a MetricsLog: one row per logged training step, the run's
     closing summary (train_runtime, ...) left out."""
     return MetricsLog([dict(r) for r in log_history if "loss" in r and "train_runtime" not in r])
+
+
+def preference_metrics(r_chosen, r_rejected, logp_chosen, logp_rejected) -> dict:
+    """What TRL's preference trainers log about a batch of pairs, as batch means: ``rewards/*``, the implicit
+    rewards of the chosen and rejected completions, their margin and how often the chosen one wins; ``logps/*``, the
+    policy's log-probs of both. Each argument is (B,); the results carry no gradient."""
+    r_chosen, r_rejected = r_chosen.detach(), r_rejected.detach()
+    return {
+        "rewards/chosen": r_chosen.mean(),
+        "rewards/rejected": r_rejected.mean(),
+        "rewards/margins": (r_chosen - r_rejected).mean(),
+        "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
+        "logps/chosen": logp_chosen.detach().mean(),
+        "logps/rejected": logp_rejected.detach().mean(),
+    }

@@ -36,13 +36,14 @@ class OfflineRun:
                                 batch_size=P.eval_batch_size, seed=seed)
         self.probe_at = probe_steps(P.steps, every=P.probe_every)
         self.greedy = SamplingSettings(max_new_tokens=P.max_new_tokens, do_sample=False)
-        self.config = TrainConfig(steps=P.steps, batch_size=P.batch_size, learning_rate=learning_rate or P.learning_rate,
-                                  seed=seed, checkpoint_every=P.checkpoint_every)
+        self.config = TrainConfig(steps=P.steps, batch_size=P.batch_size,
+                                  learning_rate=learning_rate or P.learning_rate, seed=seed,
+                                  checkpoint_every=P.checkpoint_every)
         self.gold: dict = {}
         self.trainer = None  # the last TRL trainer, for checks on its own batches
 
     def evaluate(self, name: str, base: bool = False):
-        """Greedy gold of the policy as it stands (``base``: adapters off) on the held-out prompts, as ``gold[name]``."""
+        """Greedy gold of the policy as it stands (``base``: adapters off) on the held-out prompts: ``gold[name]``."""
         self.gold[name] = evaluate.gold_eval(self.policy, self.tok, self.task, self.eval_prompts, self.greedy,
                                              self.P.eval_batch_size, base=base)
         print(f"{name}: {self.gold[name]}")

@@ -87,7 +87,8 @@ class OnlineRun:
 
         if self.sizes.warm_start_steps:
             sft.warm_start(self.policy, self.tok, self.task, self.sizes.warm_start_steps, self.P.batch_size,
-                           self.sizes.warm_start_learning_rate, self.out / "warm_start", seed=self.seed)
+                           self.sizes.warm_start_learning_rate, self.sizes.warm_start_max_length,
+                           self.out / "warm_start", seed=self.seed)
             add_reference_adapter(self.policy)
             self.start_name = "SFT start"
             self.evaluate(self.start_name)
@@ -146,14 +147,54 @@ class OnlineRun:
         return self.summary["sampled"], self.summary["greedy"]
 
     def rerun_with_seeds(self, settings, seeds) -> tuple[dict, dict]:
-        """Both loops again with each of ``seeds`` (``rerun_with_seeds``); returns the reruns and the gains of all
-        the runs over the start (``evaluate.report_runs``, printed), and plots both: each run's gain, and every
-        run's training reward (``seeds.png``, ``seeds_reward.png``)."""
-        from rlcourse import plots
+        """Both loops again from the start adapters, once per seed in ``seeds``; returns the reruns,
+        {"ours": [(seed, log, gold), ...], "TRL": [...]}, and the gains of all the runs over the start
+        (``evaluate.report_runs``, printed), and plots each run's gain and every run's training reward.
 
-        reruns = rerun_with_seeds(self.policy, self.tok, self.task, self.method, settings, self.rollout,
-                                  self.train_config, self.initial_adapters, seeds, self.out / "seeds",
-                                  self.sampled_gold)
+        A seed changes only the order of the training prompts (the task's train split shuffled with it), the
+        rollouts' sampling and TRL's own seed: what separates two runs of the same recipe, so the spread of their
+        gold gains is the run-to-run noise a claimed gain must beat (``evaluate.gain_over_runs``). Probes are left
+        out to save time. Our runs see the "ref" adapter rebuilt from the start adapters when the policy had one;
+        TRL's trainer is given the policy without it and makes its own, as in the main runs. Logs go to
+        ``out/seeds/ours-<seed>`` and ``out/seeds/trl-<seed>``.
+        """
+        from rlcourse import plots
+        from rlcourse.models import REF_ADAPTER, add_reference_adapter, remove_reference_adapter, restore_lora
+        from rlcourse.train import train
+        from rlcourse.trl_runs import run_trl
+
+        policy, out_dir = self.policy, self.out / "seeds"
+        with_ref = REF_ADAPTER in policy.peft_config
+        trainer_cls, _ = self.method.trl_classes()
+
+        def back_to_start(ref: bool) -> None:
+            remove_reference_adapter(policy)
+            restore_lora(policy, self.initial_adapters)
+            if ref:  # a frozen copy of the start adapters, as before the main runs
+                add_reference_adapter(policy)
+
+        reruns = {"ours": [], "TRL": []}
+        for seed in seeds:
+            rows = self.task.prompts("train").shuffle(seed=seed)
+            tc = replace(self.train_config, seed=seed)
+
+            back_to_start(with_ref)
+            log = train(policy, Rollouts(policy, self.tok, rows, self.task.reward, self.rollout, seed=seed),
+                        self.method.step_fn(settings, self.rollout), tc, out_dir / f"ours-{seed}", resume=False,
+                        progress=False)
+            reruns["ours"].append((seed, log, self.sampled_gold()))
+
+            back_to_start(False)  # TRL adds its own "ref" when it needs one
+            trainer = trainer_cls(model=policy, reward_funcs=self.task.reward, train_dataset=rows,
+                                  processing_class=self.tok,
+                                  args=trl_online_config(self.method, settings, self.rollout, tc,
+                                                         out_dir / f"trl-{seed}"))
+            log = trl_metrics(run_trl(trainer))
+            log.save(out_dir / f"trl-{seed}")
+            reruns["TRL"].append((seed, log, self.sampled_gold()))
+            del trainer
+        back_to_start(with_ref)  # leave the policy as it came
+
         runs_gold = {name: [self.gold[name]] + [g for _, _, g in reruns[name]] for name in ("ours", "TRL")}
         self.seeds = [self.seed] + list(seeds)
         print(f"seeds {self.seeds}; gold sampled, {self.sizes.eval_samples} per prompt; gain over {self.start_name}:")
@@ -199,51 +240,3 @@ class OnlineRun:
             "variants": {k: {"gold_mean": v.mean, "steps": variant_steps} for k, v in variants.items()},
         }, indent=1))
         print("wrote", self.out / "results.json")
-
-
-def rerun_with_seeds(policy, tokenizer, task, method, settings, rollout: RolloutSettings, train_config,
-                     start_adapters: dict, seeds, out_dir, gold_fn) -> dict[str, list]:
-    """Train our loop and TRL's trainer for ``method`` again from ``start_adapters``, once per seed in ``seeds``.
-
-    A seed changes only the order of the training prompts (the task's train split shuffled with it), the
-    rollouts' sampling and TRL's own seed: what separates two runs of the same recipe, so the spread of their
-    gold gains is the run-to-run noise a claimed gain must beat (``evaluate.gain_over_runs``). Probes are left
-    out to save time. ``gold_fn()`` evaluates the policy as it stands. Our runs see the "ref" adapter rebuilt
-    from ``start_adapters`` when the policy had one; TRL's trainer is given the policy without it and makes its
-    own, as in the notebooks' main runs. Logs go to ``out_dir/ours-<seed>`` and ``out_dir/trl-<seed>``.
-    Returns {"ours": [(seed, log, gold), ...], "TRL": [...]}.
-    """
-    from rlcourse.models import REF_ADAPTER, add_reference_adapter, remove_reference_adapter, restore_lora
-    from rlcourse.train import train
-    from rlcourse.trl_runs import run_trl
-
-    out_dir = Path(out_dir)
-    with_ref = REF_ADAPTER in policy.peft_config
-    trainer_cls, _ = method.trl_classes()
-
-    def back_to_start(ref: bool) -> None:
-        remove_reference_adapter(policy)
-        restore_lora(policy, start_adapters)
-        if ref:  # a frozen copy of the start adapters, as before the main runs
-            add_reference_adapter(policy)
-
-    runs = {"ours": [], "TRL": []}
-    for seed in seeds:
-        rows = task.prompts("train").shuffle(seed=seed)
-        tc = replace(train_config, seed=seed)
-
-        back_to_start(with_ref)
-        log = train(policy, Rollouts(policy, tokenizer, rows, task.reward, rollout, seed=seed),
-                    method.step_fn(settings, rollout), tc, out_dir / f"ours-{seed}", resume=False, progress=False)
-        runs["ours"].append((seed, log, gold_fn()))
-
-        back_to_start(False)  # TRL adds its own "ref" when it needs one
-        trainer = trainer_cls(model=policy, reward_funcs=task.reward, train_dataset=rows, processing_class=tokenizer,
-                              args=trl_online_config(method, settings, rollout, tc, out_dir / f"trl-{seed}"))
-        log = trl_metrics(run_trl(trainer))
-        log.save(out_dir / f"trl-{seed}")
-        runs["TRL"].append((seed, log, gold_fn()))
-        del trainer
-
-    back_to_start(with_ref)  # leave the policy as it came
-    return runs

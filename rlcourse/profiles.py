@@ -63,6 +63,8 @@ class OnlineSizes:
     """SFT steps on the task's demonstrations before RL (0: RL from the base model)."""
     warm_start_learning_rate: float
     """AdamW learning rate of that SFT warm start."""
+    warm_start_max_length: int
+    """Longest demonstration (prompt + answer) in tokens in that SFT warm start; the arithmetic task's fit."""
     n_eval: int
     """Held-out prompts of the gold evaluation and of the probes."""
     eval_samples: int
@@ -116,11 +118,14 @@ class Profile:
 # Online RL (lessons 11 and 12): each step trains on prompts_per_step × num_generations completions.
 _ONLINE = {
     "ci": OnlineSizes(num_generations=2, prompts_per_step=1, max_new_tokens=8, learning_rate=2e-4, warm_start_steps=2,
-                      warm_start_learning_rate=5e-4, n_eval=6, eval_samples=2, extra_seeds=1),
+                      warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=6, eval_samples=2,
+                      extra_seeds=1),
     "cpu": OnlineSizes(num_generations=8, prompts_per_step=4, max_new_tokens=16, learning_rate=2e-4,
-                       warm_start_steps=30, warm_start_learning_rate=5e-4, n_eval=100, eval_samples=4, extra_seeds=2),
+                       warm_start_steps=30, warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=100,
+                       eval_samples=4, extra_seeds=2),
     "gpu": OnlineSizes(num_generations=8, prompts_per_step=8, max_new_tokens=16, learning_rate=2e-4,
-                       warm_start_steps=60, warm_start_learning_rate=5e-4, n_eval=100, eval_samples=8, extra_seeds=2),
+                       warm_start_steps=60, warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=100,
+                       eval_samples=8, extra_seeds=2),
 }
 
 PROFILES = {

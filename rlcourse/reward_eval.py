@@ -17,7 +17,8 @@ import torch
 
 from rlcourse.evaluate import spearman
 from rlcourse.batches import collate_reward_pairs
-from rlcourse.methods.reward_model import backbone_and_head, sequence_rewards, tokenize_pair
+from rlcourse.methods.reward_model import backbone_and_head, sequence_rewards
+from rlcourse.tokenization import tokenize_reward_pair
 
 
 def _autocast(model):
@@ -35,7 +36,7 @@ def _autocast(model):
 @torch.no_grad()
 def score_pairs(model, tokenizer, rows, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """The reward model's scores of the chosen and of the rejected completion of each row: two (n,) arrays."""
-    tokenized = [tokenize_pair(tokenizer, row) for row in rows]
+    tokenized = [tokenize_reward_pair(tokenizer, row) for row in rows]
     device = next(model.parameters()).device
     chosen, rejected = [], []
     for start in range(0, len(tokenized), batch_size):

@@ -43,10 +43,15 @@ def split_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int], l
     return ids[:start], ids[start:]
 
 
+def join(prompt_ids: list[int], completion_ids: list[int]) -> dict[str, list[int]]:
+    """One tokenised row: ``input_ids`` of prompt + completion, and the ``completion_mask`` (1 on completion tokens)."""
+    return {"input_ids": prompt_ids + completion_ids,
+            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
 def tokenize_prompt_completion(tokenizer, prompt, completion) -> dict[str, list[int]]:
-    """``input_ids`` of prompt + completion and their ``completion_mask`` (1 on completion tokens), as SFTTrainer."""
-    prompt_ids, completion_ids = split_prompt_completion(tokenizer, prompt, completion)
-    return {"input_ids": prompt_ids + completion_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+    """``input_ids`` of prompt + completion and their ``completion_mask``, as SFTTrainer builds them."""
+    return join(*split_prompt_completion(tokenizer, prompt, completion))
 
 
 def tokenize_pair(tokenizer, prompt, chosen, rejected) -> dict[str, list[int]]:
@@ -82,7 +87,8 @@ def with_eos(tokens: dict[str, list[int]], eos_token_id: int) -> dict[str, list[
 def _check_messages(kind: str, row, i: int, columns: tuple[str, ...], fix: str) -> None:
     for column in columns:
         if column not in row:
-            raise ValueError(f"{kind} row {i}: missing column {column!r}. Fix: give every row {', '.join(map(repr, columns))}"
+            names = ", ".join(map(repr, columns))
+            raise ValueError(f"{kind} row {i}: missing column {column!r}. Fix: give every row {names}"
                              f"{fix}.")
         value = row[column]
         if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "content" in m for m in value):
@@ -154,3 +160,45 @@ def tokenize_unpaired(rows, tokenizer, max_length: int | None = None) -> list[di
             item["score"] = float(row["score"])
         items.append((i, item))
     return _drop_long_prompts(items, max_length, "unpaired")
+
+
+def tokenize_reward_pair(tokenizer, row: dict) -> dict:
+    """``chosen_ids`` and ``rejected_ids`` of one preference row, as ``RewardTrainer`` builds them: whole sequences.
+
+    Conversational rows: the chat template over prompt + chosen (and prompt + rejected), whole, with no
+    generation prompt. Standard rows: plain text, prompt + completion, with the EOS token appended when
+    missing. A ``margin`` value is carried along.
+    """
+    for field in ("chosen", "rejected"):
+        if field not in row:
+            raise ValueError(f"a preference row needs {field!r}; this one has {sorted(row)}. Fix: see lesson 02's "
+                             f"preference format (prompt, chosen, rejected).")
+    prompt = row.get("prompt")
+    out = {}
+    for field in ("chosen", "rejected"):
+        completion = row[field]
+        if isinstance(completion, list):  # conversational
+            messages = (prompt or []) + completion
+            out[f"{field}_ids"] = chat_ids(tokenizer, messages)
+        else:
+            text = (prompt or "") + completion
+            if not text.endswith(tokenizer.eos_token):
+                text += tokenizer.eos_token
+            out[f"{field}_ids"] = tokenizer(text)["input_ids"]
+    if "margin" in row:
+        out["margin"] = float(row["margin"])
+    return out
+
+
+def tokenize_reward_pairs(dataset, tokenizer, max_length: int | None = None) -> list[dict]:
+    """Every row tokenized by ``tokenize_reward_pair``, in order; pairs longer than ``max_length`` are dropped (as
+    TRL does), with a message saying how many. Raises a ValueError when none is left."""
+    rows = [tokenize_reward_pair(tokenizer, row) for row in dataset]
+    if max_length is None:
+        return rows
+    kept = [r for r in rows if len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length]
+    if len(kept) < len(rows):
+        print(f"dropped {len(rows) - len(kept)} of {len(rows)} pairs longer than max_length={max_length} tokens")
+    if not kept:
+        raise ValueError(f"every pair is longer than max_length={max_length} tokens. Fix: raise max_length.")
+    return kept

@@ -21,16 +21,18 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlcourse.batches import Batch
 from rlcourse.metrics import MetricsLog
 from rlcourse.models import as_trl_trains, is_quantized
 from rlcourse.precision import current as current_precision
+
+if TYPE_CHECKING:  # rlcourse.batches loads TRL's collation helpers: not needed to import the loop
+    from rlcourse.batches import Batch
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,9 @@ def train(
 ) -> MetricsLog:
     """Train ``model``'s trainable parameters; return the per-step metrics (also saved under ``out_dir``).
 
-    batches(step) -> the batch of that step (``rlcourse.batches``; a method module's ``batches``). step_fn(model, batch) -> (loss, metrics dict); a step_fn
-    with state of its own exposes ``state_dict()`` / ``load_state_dict()``, which checkpoints save and restore.
+    batches(step) -> the batch of that step (``rlcourse.batches``; a method module's ``batches``).
+    step_fn(model, batch) -> (loss, metrics dict); a step with state of its own (a class: BCO's, DRO's) exposes
+    ``state_dict()`` / ``load_state_dict()``, which checkpoints save and restore.
     Checkpoints hold every adapter of the model, so a reference adapter that training moves resumes too.
     With ``resume`` an unfinished run in ``out_dir`` continues from its last checkpoint, and a finished one
     is returned as is; ``resume=False`` moves an existing run aside (``out_dir.bak-<time>``), never deletes it.

@@ -154,7 +154,7 @@ def test_reward_penalty_carries_no_gradient_and_bad_input_is_named():
         kl_penalized_rewards(rewards, logps, ref_logps, torch.ones_like(mask), -0.1)
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
         kl_penalized_rewards(rewards, logps, ref_logps, torch.ones_like(mask), 0.1, estimator="k4")
-    with pytest.raises(ValueError, match="same B"):
+    with pytest.raises(ValueError, match="same N"):
         kl_penalized_rewards(rewards[:2], logps, ref_logps, mask, 0.1)
 
 

@@ -1,4 +1,4 @@
-"""Every method module in rlcourse/methods has the same shape (STYLE.md 11), so a new method starts from a template
+"""Every method module in rlcourse/methods has the same shape (CONTRIBUTING.md, "Adding a method"), so a new method starts from a template
 and the benchmark is one table: this fails when a module forgets a name of the interface."""
 
 import dataclasses

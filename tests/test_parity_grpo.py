@@ -12,7 +12,7 @@ import torch
 
 from rlcourse.losses.grpo import grpo_loss
 from rlcourse.methods import grpo
-from rlcourse.methods.rollouts import Rollouts, completion_logprobs
+from rlcourse.methods.rollouts import Rollouts, completion_logprobs, trl_inputs
 from rlcourse.models import reference_policy
 
 from fixtures import ROLLOUT, flat_grads, length_reward, rescore_trl_rollouts
@@ -51,7 +51,7 @@ def _both(trainer, batch, variant):
     our_grads = flat_grads(model)
 
     model.zero_grad()
-    inputs = grpo.trl_inputs(batch, adv) | {"old_per_token_logps": old, "ref_per_token_logps": ref}
+    inputs = trl_inputs(batch, adv) | {"old_per_token_logps": old, "ref_per_token_logps": ref}
     theirs = trainer._compute_loss(model, inputs)
     theirs.backward()
     return (ours.detach(), our_grads), (theirs.detach(), flat_grads(model))
@@ -97,7 +97,7 @@ def test_the_step_logs_the_advantages_that_trl_inputs_carry(setup):
     them to TRL's loss, and the step logs the same ones."""
     trainer, _, batch = setup
     adv = grpo.advantages(batch, grpo.Settings(), ROLLOUT)
-    inputs = grpo.trl_inputs(batch, adv)
+    inputs = trl_inputs(batch, adv)
     assert inputs["advantages"] is adv and inputs["num_items_in_batch"] == batch.completion_mask.sum()
     with torch.no_grad():
         _, metrics = grpo.grpo_step(trainer.model, batch, grpo.Settings(), ROLLOUT)

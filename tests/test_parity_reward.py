@@ -10,6 +10,7 @@ from trl import RewardConfig, RewardTrainer
 
 from rlcourse import reward_artifact, reward_eval
 from rlcourse.batches import collate_reward_pairs
+from rlcourse.tokenization import tokenize_reward_pair, tokenize_reward_pairs
 from rlcourse.methods import reward_model as rm
 from rlcourse.models import LoraSettings
 from rlcourse.train import TrainConfig, train
@@ -135,8 +136,8 @@ def test_one_training_step_matches_trl_gradients(tokenizer, tmp_path):
 
 
 def test_pairs_longer_than_max_length_are_dropped_like_trl(tokenizer, tmp_path, capsys):
-    longest = max(len(r["chosen_ids"]) for r in rm.tokenize_pairs(ROWS, tokenizer))
-    kept = rm.tokenize_pairs(ROWS, tokenizer, max_length=longest - 1)
+    longest = max(len(r["chosen_ids"]) for r in tokenize_reward_pairs(ROWS, tokenizer))
+    kept = tokenize_reward_pairs(ROWS, tokenizer, max_length=longest - 1)
     assert 0 < len(kept) < len(ROWS) and "dropped" in capsys.readouterr().out
     args = trl_config(RewardConfig, TrainConfig(steps=1, batch_size=1, learning_rate=1e-3, bf16=False), tmp_path,
                       max_length=longest - 1)
@@ -145,7 +146,7 @@ def test_pairs_longer_than_max_length_are_dropped_like_trl(tokenizer, tmp_path, 
     assert len(trainer.train_dataset) == len(kept)
     assert trainer.train_dataset["chosen_ids"] == [r["chosen_ids"] for r in kept]
     with pytest.raises(ValueError, match="raise max_length"):
-        rm.tokenize_pairs(ROWS, tokenizer, max_length=3)
+        tokenize_reward_pairs(ROWS, tokenizer, max_length=3)
 
 
 def test_margin_needs_gold_scores_and_names_the_row():
@@ -272,7 +273,7 @@ def test_on_plain_text_transformers_reads_the_token_before_the_final_eos(plain, 
     says so; the course's data are conversational, where the two agree (test above)."""
     trainer, _ = plain
     rows = [{"prompt": "Q: Why is the sky blue?\nA:", "chosen": " Scattering.", "rejected": " No idea, sorry."}]
-    pair = rm.tokenize_pair(tokenizer, rows[0])
+    pair = tokenize_reward_pair(tokenizer, rows[0])
     assert pair["chosen_ids"][-1] == tokenizer.eos_token_id == tokenizer.pad_token_id
     batch = collate_reward_pairs([pair], tokenizer.pad_token_id)
     with torch.no_grad():

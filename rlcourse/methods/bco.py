@@ -1,7 +1,8 @@
 """BCO (Jung et al. 2024, lesson 09): a binary classifier of desirable vs undesirable completions, on KTO's batches.
 
 The loss and the running reward shift δ live in ``rlcourse.losses.bco``. TRL 1.16 has no BCO trainer (1.13.0 was the
-last release with one); our step follows that ``BCOTrainer``'s order: δ is updated with the batch's rewards (detached), then used.
+last release with one); our step follows that ``BCOTrainer``'s order: δ is updated with the batch's rewards
+(detached), then used.
 The mismatched KL sequences of the batch are not needed. δ is state, so the step is a small class whose
 ``state_dict`` / ``load_state_dict`` let ``rlcourse.train`` checkpoints resume it.
 """

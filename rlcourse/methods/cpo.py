@@ -23,6 +23,7 @@ from rlcourse.batches import PairBatch, PairBatches, Sequences
 from rlcourse.logprobs import masked_sum, masked_token_mean, shift_mask, to_model_device, token_entropy, token_logprobs
 from rlcourse.losses.cpo import cpo_loss
 from rlcourse.losses.sft import sft_loss
+from rlcourse.metrics import preference_metrics
 from rlcourse.tokenization import tokenize_pairs
 
 
@@ -65,18 +66,10 @@ def pair_forward(model, seqs: Sequences) -> dict[str, torch.Tensor]:
             "entropy": token_entropy(logits.detach())}  # (2B, T-1)
 
 
-def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, scale: float, out: dict) -> dict:
+def reference_free_metrics(chosen: torch.Tensor, rejected: torch.Tensor, scale: float, out: dict) -> dict:
     """TRL's ``rewards/*`` (scale × log-prob, summed or averaged as the loss uses them), ``logps/*`` and entropy."""
-    r_chosen, r_rejected = scale * chosen.detach(), scale * rejected.detach()  # (B,)
-    return {
-        "rewards/chosen": r_chosen.mean(),
-        "rewards/rejected": r_rejected.mean(),
-        "rewards/margins": (r_chosen - r_rejected).mean(),
-        "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
-        "logps/chosen": chosen.detach().mean(),
-        "logps/rejected": rejected.detach().mean(),
-        "entropy": masked_token_mean(out["entropy"], out["mask"]),
-    }
+    return preference_metrics(scale * chosen.detach(), scale * rejected.detach(), chosen, rejected) | {
+        "entropy": masked_token_mean(out["entropy"], out["mask"])}
 
 
 def chosen_nll(out: dict, alpha: float) -> torch.Tensor:
@@ -95,7 +88,8 @@ def cpo_step(model, batch: PairBatch, settings: Settings = Settings()) -> tuple[
     chosen, rejected = masked_sum(out["logps"], out["mask"]).chunk(2)  # (B,), (B,) log π_θ(y|x)
     nll = chosen_nll(out, settings.cpo_alpha)
     loss = cpo_loss(chosen, rejected, nll, settings.beta, settings.cpo_alpha, settings.label_smoothing)
-    metrics = pair_metrics(chosen, rejected, settings.beta, out)  # TRL logs what the loss compares: summed log-probs
+    # TRL logs what the loss compares: summed log-probs
+    metrics = reference_free_metrics(chosen, rejected, settings.beta, out)
     metrics["nll_loss"] = nll.detach()
     return loss, metrics
 

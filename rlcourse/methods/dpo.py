@@ -30,6 +30,7 @@ import torch
 from rlcourse.batches import PairBatch, PairBatches
 from rlcourse.logprobs import masked_token_mean, sequence_logps, to_model_device
 from rlcourse.losses.dpo import DPO_LOSSES, dpo_loss, implicit_reward
+from rlcourse.metrics import preference_metrics
 from rlcourse.models import REF_ADAPTER, reference_policy
 from rlcourse.tokenization import tokenize_pairs
 
@@ -139,13 +140,7 @@ def pair_metrics(p: PairLogps, beta: float) -> dict:
     is_top1 = p.out["is_top1"].chunk(2)[0]  # (B, T-1)
     margin_per_token = (p.chosen - p.ref_chosen) / p.chosen_len.clamp(min=1) \
         - (p.rejected - p.ref_rejected) / p.rejected_len.clamp(min=1)  # (B,) h of IPO
-    return {
-        "rewards/chosen": r_chosen.mean(),
-        "rewards/rejected": r_rejected.mean(),
-        "rewards/margins": (r_chosen - r_rejected).mean(),
-        "rewards/accuracies": (r_chosen > r_rejected).float().mean(),
-        "logps/chosen": p.chosen.mean(),
-        "logps/rejected": p.rejected.mean(),
+    return preference_metrics(r_chosen, r_rejected, p.chosen, p.rejected) | {
         "margin_per_token": margin_per_token.mean(),
         "entropy": masked_token_mean(p.out["entropy"], mask),
         "mean_token_accuracy": masked_token_mean(is_top1, chosen_mask),

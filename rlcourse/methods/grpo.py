@@ -38,7 +38,8 @@ class Settings:
     importance_sampling_level: str = "token"
     """[``importance_sampling_level``]: "token" (GRPO) or "sequence" (GSPO)."""
     scale_rewards: str = "group"
-    """[``scale_rewards``]: divide centred rewards by the group's std ("group"), the batch's ("batch") or not ("none")."""
+    """[``scale_rewards``]: divide the centred rewards by the group's std ("group"), the batch's ("batch") or not
+    ("none")."""
     kl_bias_correction: bool = True
     """[``use_bias_correction_kl``]: multiply the k3 term by the importance ratio (TRL's default True)."""
 
@@ -96,10 +97,3 @@ def trl_kwargs(settings: Settings) -> dict:
     return dict(beta=settings.beta, epsilon=settings.clip_eps, epsilon_high=settings.clip_eps_high,
                 loss_type=settings.loss_type, importance_sampling_level=settings.importance_sampling_level,
                 scale_rewards=settings.scale_rewards, use_bias_correction_kl=settings.kl_bias_correction)
-
-
-def trl_inputs(batch: RolloutBatch, advantages: torch.Tensor) -> dict:
-    """A scored batch as the inputs dict TRL's ``GRPOTrainer._compute_loss`` expects, with our advantages."""
-    return {"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask, "completion_ids": batch.completion_ids,
-            "completion_mask": batch.completion_mask, "advantages": advantages,
-            "num_items_in_batch": batch.completion_mask.sum()}

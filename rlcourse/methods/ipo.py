@@ -14,7 +14,8 @@ import torch
 
 from rlcourse.batches import PairBatch
 from rlcourse.losses.dpo import ipo_loss
-from rlcourse.methods.dpo import batches, dpo_config_kwargs, pair_metrics, policy_and_reference, trl_classes  # noqa: F401
+from rlcourse.methods.dpo import (batches, dpo_config_kwargs, pair_metrics,  # noqa: F401 (batches: the interface)
+                                  policy_and_reference, trl_classes)
 
 
 @dataclass(frozen=True)

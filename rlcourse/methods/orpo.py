@@ -17,7 +17,7 @@ from rlcourse.batches import PairBatch
 from rlcourse.logprobs import masked_mean, to_model_device
 from rlcourse.losses.orpo import log_odds, odds_ratio_loss, orpo_loss
 from rlcourse.losses.sft import sft_loss
-from rlcourse.methods.cpo import batches, pair_forward, pair_metrics  # noqa: F401 (batches: part of the interface)
+from rlcourse.methods.cpo import batches, pair_forward, reference_free_metrics  # noqa: F401 (batches: the interface)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def orpo_step(model, batch: PairBatch, settings: Settings = Settings()) -> tuple
     loss = orpo_loss(chosen, rejected, nll, settings.lambda_)
     with torch.no_grad():
         or_loss = odds_ratio_loss(chosen, rejected)  # (B,)
-        metrics = pair_metrics(chosen, rejected, settings.lambda_, out)
+        metrics = reference_free_metrics(chosen, rejected, settings.lambda_, out)
         metrics |= {"nll_loss": nll.detach(), "or_loss": or_loss.mean(), "log_odds_ratio": -or_loss.mean(),
                     "log_odds_chosen": (log_odds(chosen.float()) - log_odds(rejected.float())).mean()}
     return loss, metrics

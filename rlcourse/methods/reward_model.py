@@ -30,7 +30,7 @@ import torch
 from rlcourse.batches import RewardPairBatch, RewardPairBatches
 from rlcourse.logprobs import to_model_device
 from rlcourse.losses.reward import reward_model_loss
-from rlcourse.tokenization import chat_ids
+from rlcourse.tokenization import tokenize_reward_pairs
 
 
 @dataclass(frozen=True)
@@ -67,48 +67,6 @@ def add_margin(dataset, margin_scale: float):
     return dataset.map(lambda r: {"margin": margin_scale * (r["score_chosen"] - r["score_rejected"])})
 
 
-def tokenize_pair(tokenizer, row: dict) -> dict:
-    """``chosen_ids`` and ``rejected_ids`` of one preference row, as ``RewardTrainer`` builds them.
-
-    Conversational rows: the chat template over prompt + chosen (and prompt + rejected), whole, with no
-    generation prompt. Standard rows: plain text, prompt + completion, with the EOS token appended when
-    missing. A ``margin`` value is carried along.
-    """
-    for field in ("chosen", "rejected"):
-        if field not in row:
-            raise ValueError(f"a preference row needs {field!r}; this one has {sorted(row)}. Fix: see lesson 02's "
-                             f"preference format (prompt, chosen, rejected).")
-    prompt = row.get("prompt")
-    out = {}
-    for field in ("chosen", "rejected"):
-        completion = row[field]
-        if isinstance(completion, list):  # conversational
-            messages = (prompt or []) + completion
-            out[f"{field}_ids"] = chat_ids(tokenizer, messages)
-        else:
-            text = (prompt or "") + completion
-            if not text.endswith(tokenizer.eos_token):
-                text += tokenizer.eos_token
-            out[f"{field}_ids"] = tokenizer(text)["input_ids"]
-    if "margin" in row:
-        out["margin"] = float(row["margin"])
-    return out
-
-
-def tokenize_pairs(dataset, tokenizer, max_length: int | None = None) -> list[dict]:
-    """Every row tokenized by ``tokenize_pair``, in order; pairs longer than ``max_length`` are dropped (as
-    TRL does), with a message saying how many. Raises a ValueError when none is left."""
-    rows = [tokenize_pair(tokenizer, row) for row in dataset]
-    if max_length is None:
-        return rows
-    kept = [r for r in rows if len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length]
-    if len(kept) < len(rows):
-        print(f"dropped {len(rows) - len(kept)} of {len(rows)} pairs longer than max_length={max_length} tokens")
-    if not kept:
-        raise ValueError(f"every pair is longer than max_length={max_length} tokens. Fix: raise max_length.")
-    return kept
-
-
 def trl_classes():
     from trl import RewardConfig, RewardTrainer
 
@@ -118,7 +76,7 @@ def trl_classes():
 def batches(rows, tokenizer, batch_size: int, max_length: int | None) -> RewardPairBatches:
     """step -> the ``RewardPairBatch`` of that step's pairs, in order (TRL's sequential sampler); pairs longer than
     ``max_length`` are dropped first, as TRL drops them (``Settings.max_length``: TRL's 1024)."""
-    return RewardPairBatches(tokenize_pairs(rows, tokenizer, max_length), batch_size, tokenizer.pad_token_id)
+    return RewardPairBatches(tokenize_reward_pairs(rows, tokenizer, max_length), batch_size, tokenizer.pad_token_id)
 
 
 def training_pairs(task, n: int, batch_size: int, seed: int = 0):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlcourse.batches import RolloutBatch, batch_indices
+from rlcourse.batches import RolloutBatch, batch_indices, pad_rollout
 from rlcourse.logprobs import masked_token_mean, to_model_device
 from rlcourse.models import reference_policy
 from rlcourse.sampling import SamplingSettings, generate_ids
@@ -43,26 +43,13 @@ class RolloutSettings:
             raise ValueError(f"RolloutSettings.num_generations={self.num_generations}: a group needs at least 2 "
                              f"completions, else every advantage is 0")
         if not self.sampling.do_sample:
-            raise ValueError("RolloutSettings.sampling must sample (do_sample=True): G greedy completions are identical")
+            raise ValueError("RolloutSettings.sampling must sample (do_sample=True): G greedy completions are "
+                             "identical")
 
     @property
     def completions_per_step(self) -> int:
         """N = prompts_per_step × G, TRL's ``per_device_train_batch_size``."""
         return self.prompts_per_step * self.num_generations
-
-
-def pad_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int) -> dict:
-    """TRL's layout: prompts left-padded (N, P), completions right-padded (N, C), with their masks."""
-    from trl.trainer.utils import pad
-
-    p = [torch.tensor(ids) for ids in prompt_ids]
-    c = [torch.tensor(ids) for ids in completion_ids]
-    return {
-        "prompt_ids": pad(p, padding_value=pad_token_id, padding_side="left"),  # (N, P)
-        "prompt_mask": pad([torch.ones_like(t) for t in p], padding_value=0, padding_side="left"),
-        "completion_ids": pad(c, padding_value=pad_token_id, padding_side="right"),  # (N, C)
-        "completion_mask": pad([torch.ones_like(t) for t in c], padding_value=0, padding_side="right"),
-    }
 
 
 class Rollouts:
@@ -158,6 +145,14 @@ def rollout_metrics(batch: RolloutBatch, num_generations: int, advantages: torch
     }
 
 
+def trl_inputs(batch: RolloutBatch, advantages: torch.Tensor) -> dict:
+    """A scored batch as the inputs dict TRL's ``_compute_loss`` expects (GRPOTrainer's, RLOOTrainer's), with our
+    advantages: for a parity check on fixed completions. Each loss adds its old log-probs under its own key."""
+    return {"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask, "completion_ids": batch.completion_ids,
+            "completion_mask": batch.completion_mask, "advantages": advantages,
+            "num_items_in_batch": batch.completion_mask.sum()}
+
+
 def trl_kwargs(settings: RolloutSettings) -> dict:
     """The GRPOConfig / RLOOConfig options of the rollouts, set explicitly whatever TRL's defaults: the sampling
     settings, G, one iteration per batch, prompts in dataset order (``shuffle_dataset=False``), the dataset's extra
@@ -178,7 +173,8 @@ def trl_online_config(method, settings, rollout: RolloutSettings, train_config, 
         raise ValueError(f"TrainConfig.batch_size={train_config.batch_size} must be the completions per step "
                          f"(prompts_per_step × G = {rollout.completions_per_step}), TRL's per_device_train_batch_size")
     _, config_cls = method.trl_classes()
-    return trl_config(config_cls, train_config, output_dir, **(trl_kwargs(rollout) | method.trl_kwargs(settings) | kwargs))
+    options = trl_kwargs(rollout) | method.trl_kwargs(settings) | kwargs
+    return trl_config(config_cls, train_config, output_dir, **options)
 
 
 def trl_metrics(log):

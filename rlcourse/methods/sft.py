@@ -59,8 +59,8 @@ def trl_kwargs(settings: Settings, max_length: int | None) -> dict:
     return dict(max_length=max_length, completion_only_loss=True, loss_type="dft" if settings.dft else "nll")
 
 
-def warm_start(model, tokenizer, task, steps: int, batch_size: int, learning_rate: float, out_dir,
-               max_length: int = 64, seed: int = 0):
+def warm_start(model, tokenizer, task, steps: int, batch_size: int, learning_rate: float, max_length: int, out_dir,
+               seed: int = 0):
     """SFT on the task's demonstrations before online RL (DeepSeek-R1's "cold start"); returns the run's log.
 
     Online RL learns only from completions that differ in reward. On the arithmetic task the base model restates

@@ -15,7 +15,8 @@ import torch
 from rlcourse.batches import PairBatch
 from rlcourse.logprobs import masked_sum, to_model_device
 from rlcourse.losses.cpo import simpo_loss
-from rlcourse.methods.cpo import batches, chosen_nll, pair_forward, pair_metrics, trl_classes  # noqa: F401 (interface)
+from rlcourse.methods.cpo import (batches, chosen_nll, pair_forward,  # noqa: F401 (batches: the interface)
+                                  reference_free_metrics, trl_classes)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def simpo_step(model, batch: PairBatch, settings: Settings = Settings()) -> tupl
     nll = chosen_nll(out, settings.cpo_alpha)
     loss = simpo_loss(chosen, rejected, len_w, len_l, settings.beta, settings.gamma,
                       settings.label_smoothing) + settings.cpo_alpha * nll
-    metrics = pair_metrics(chosen / len_w, rejected / len_l, settings.beta, out)  # per-token averages, as TRL logs
+    metrics = reference_free_metrics(chosen / len_w, rejected / len_l, settings.beta, out)  # per-token averages
     metrics["nll_loss"] = nll.detach()
     return loss, metrics
 
