@@ -39,7 +39,7 @@ help:
 	@echo "make test     unit tests + every notebook in the ci profile (PYTEST_ARGS='...')"
 	@echo "make unit     only the fast unit tests (no notebooks)"
 	@echo "make lab      JupyterLab with the course kernel ($(KERNEL))"
-	@echo "make bench    python -m rlcourse.bench: step time and memory, ours vs TRL, per method"
+	@echo "make bench    python -m rlcourse.bench: step time and memory, ours vs TRL, per method, under the measured ceiling"
 	@echo "make bench-sharing  python -m rlcourse.sharing_bench: slowdown beside another busy process"
 	@echo "make install  (re)install the pinned environment into $(VENV)"
 	@echo "make lock     regenerate requirements.lock from pyproject.toml in a clean venv"

@@ -1,5 +1,6 @@
 """Benchmark (not a test): median step time of our loop vs TRL's trainer on the same batches and model,
-and each run's peak memory. Prints a table and writes it to build/bench/.
+and each run's peak memory, under this machine's measured ceiling (``rlcourse.ceiling``: matmul GFLOP/s per
+dtype, memory bandwidth, the CPU features, the floors they imply). Prints a table and writes it to build/bench/.
 
     python -m rlcourse.bench [--methods sft dpo] [--steps 8] [--batch-size 4]
 
@@ -23,8 +24,9 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from rlcourse.ceiling import measure as measure_ceiling
 from rlcourse.paths import build_dir
 from rlcourse.precision import current as current_precision
 
@@ -192,19 +194,21 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    ceiling = measure_ceiling()  # first, alone: the runs below are separate processes that have finished
     rows = [row for method in args.methods for impl in ("ours", "TRL")
             for row in measure(method, impl, args.batch_size, args.steps)]
     precision = current_precision()
     device = f"{precision.device}: {precision.hardware}"
     lines = [f"Benchmark on {device}, batch {args.batch_size}, {args.steps} steps (first step excluded), "
-             f"SmolLM2-135M NF4 + LoRA r=16, {precision.name} ({precision.reason})", "",
+             f"SmolLM2-135M NF4 + LoRA r=16, {precision.name} ({precision.reason})", "", ceiling.describe(), "",
              "| method | impl | median step (s) | peak RSS (MB) |", "|---|---|---:|---:|"]
     lines += [f"| {r['method']} | {r['impl']} | {r['median_step_s']:.2f} | {r['peak_rss_mb']:.0f} |" for r in rows]
     text = "\n".join(lines)
     print(text)
     out = build_dir("bench")
     (out / "bench.md").write_text(text + "\n")
-    (out / "bench.json").write_text(json.dumps({"device": device, "precision": precision.name, "rows": rows}, indent=1))
+    (out / "bench.json").write_text(json.dumps({"device": device, "precision": precision.name,
+                                                "ceiling": asdict(ceiling), "rows": rows}, indent=1))
     return rows
 
 
