@@ -15,7 +15,7 @@ sequential sampler walks a pre-shuffled dataset. Shapes: course/notation.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence, TypeVar
 
 import torch
@@ -114,6 +114,11 @@ class RolloutBatch(Batch):
     """(N,) the task's reward of each completion."""
     completions: list[str]
     """The N decoded completions (for a look at what was sampled)."""
+    sampler_logps: torch.Tensor | None = None
+    """(N, C) the sampler's log-prob of each completion token (0 on padding), for the sampler/policy gap; None
+    for completions that did not come from the rollout engine."""
+    timings: dict = field(default_factory=dict, compare=False)
+    """Seconds spent producing the batch, by phase ("sync", "prefill", "decode", "reward"): the step breakdown."""
 
 
 # ── collation ────────────────────────────────────────────────────────────────────────────────────────────────
@@ -158,11 +163,15 @@ def mismatched_completions(completions: Sequence[T]) -> list[T]:
     return [completions[-1], *completions[:-1]]
 
 
-def pad_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int) -> dict:
-    """TRL's layout: prompts left-padded (N, P), completions right-padded (N, C), with their masks."""
+def pad_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
+                sampler_logps: list[list[float]] | None = None) -> dict:
+    """TRL's layout: prompts left-padded (N, P), completions right-padded (N, C), with their masks; and the
+    sampler's per-token log-probs (N, C), right-padded with 0, when given."""
     p = [torch.tensor(ids) for ids in prompt_ids]
     c = [torch.tensor(ids) for ids in completion_ids]
-    return {
+    logps = {} if sampler_logps is None else {"sampler_logps": pad(
+        [torch.tensor(lp, dtype=torch.float32) for lp in sampler_logps], padding_value=0.0, padding_side="right")}
+    return logps | {
         "prompt_ids": pad(p, padding_value=pad_token_id, padding_side="left"),  # (N, P)
         "prompt_mask": pad([torch.ones_like(t) for t in p], padding_value=0, padding_side="left"),
         "completion_ids": pad(c, padding_value=pad_token_id, padding_side="right"),  # (N, C)

@@ -50,13 +50,14 @@ class OnlineRun:
             num_generations=sizes.num_generations, prompts_per_step=sizes.prompts_per_step,
             sampling=SamplingSettings(max_new_tokens=sizes.max_new_tokens, do_sample=True, temperature=temperature,
                                       top_p=1.0))
-        self.train_config = TrainConfig(steps=P.steps, batch_size=self.rollout.completions_per_step,
+        self.train_config = TrainConfig(steps=sizes.steps, batch_size=self.rollout.completions_per_step,
                                         learning_rate=sizes.learning_rate, seed=seed,
                                         checkpoint_every=P.checkpoint_every)
-        self.probe = make_probe(self.tok, task, self.eval_prompts, max_new_tokens=sizes.max_new_tokens,
+        self.probe_prompts = self.eval_prompts.select(range(min(sizes.n_probe, len(self.eval_prompts))))
+        self.probe = make_probe(self.tok, task, self.probe_prompts, max_new_tokens=sizes.max_new_tokens,
                                 batch_size=P.eval_batch_size, seed=seed)
         # ci: one probe, at the end (the step-0 one costs a whole evaluation)
-        self.probe_at = {P.steps} if P.name == "ci" else probe_steps(P.steps, every=P.probe_every)
+        self.probe_at = {sizes.steps} if P.name == "ci" else probe_steps(sizes.steps, every=sizes.probe_every)
         self.rollouts: Rollouts | None = None
         self.initial_adapters: dict | None = None
         self.logs: dict = {}  # "ours", "TRL": the main runs' logs
@@ -65,9 +66,11 @@ class OnlineRun:
         self.noise: dict = {}  # evaluate.report_runs', once ``rerun_with_seeds`` ran
         self.label = method.__name__.rsplit(".", 1)[-1].upper()  # "RLOO", "GRPO": plot titles
 
-    def sampled_gold(self, base: bool = False):
-        """Gold of the policy as it stands: the mean of ``eval_samples`` samples per held-out prompt."""
-        return evaluate.gold_eval(self.policy, self.tok, self.task, self.eval_prompts, self.sampled,
+    def sampled_gold(self, base: bool = False, prompts=None):
+        """Gold of the policy as it stands: the mean of ``eval_samples`` samples per held-out prompt (``prompts``:
+        other held-out prompts, e.g. the probes')."""
+        prompts = self.eval_prompts if prompts is None else prompts
+        return evaluate.gold_eval(self.policy, self.tok, self.task, prompts, self.sampled,
                                   self.P.eval_batch_size, base=base, samples=self.sizes.eval_samples)
 
     def evaluate(self, name: str, base: bool = False) -> None:
@@ -208,8 +211,9 @@ class OnlineRun:
 
     def train_variant(self, name: str, settings, rollout: RolloutSettings, steps: int):
         """Our loop with other settings (and rollouts) for ``steps`` steps from the start adapters, no probes; the
-        variant's gold (sampled) is taken when the profile is not ``ci`` (there a variant only exercises the code).
-        Returns (log, gold or None)."""
+        variant's gold (sampled, on the probes' ``n_probe`` held-out prompts: a variant is a quick look, not a claim)
+        is taken when the profile is not ``ci`` (there a variant only exercises the code). Returns (log, gold or
+        None)."""
         from rlcourse.models import restore_lora
         from rlcourse.train import train
 
@@ -219,7 +223,7 @@ class OnlineRun:
                                           seed=self.seed),
                     self.method.step_fn(settings, rollout), tc, self.out / "variants" / name, resume=False,
                     progress=False)
-        gold = None if self.P.name == "ci" else self.sampled_gold()
+        gold = None if self.P.name == "ci" else self.sampled_gold(prompts=self.probe_prompts)
         if gold is not None:
             print(f"{name:>12}: gold {gold}")
         return log, gold
@@ -236,7 +240,7 @@ class OnlineRun:
             "config": {k: str(v) for k, v in {**vars(settings), **vars(self.rollout)}.items()},
             "gold_start": self.start_name, "gold": self.summary["sampled"], "gold_greedy": self.summary["greedy"],
             "run_to_run": {"seeds": self.seeds, **self.noise}, "parity_fixed_completions": parity,
-            "kl_end": {"ours": ours.at(self.P.steps).get("kl"), "TRL": theirs.at(self.P.steps).get("kl")},
+            "kl_end": {"ours": ours.at(self.sizes.steps).get("kl"), "TRL": theirs.at(self.sizes.steps).get("kl")},
             "variants": {k: {"gold_mean": v.mean, "steps": variant_steps} for k, v in variants.items()},
         }, indent=1))
         print("wrote", self.out / "results.json")

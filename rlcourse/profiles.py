@@ -51,6 +51,8 @@ class KLStudySizes:
 class OnlineSizes:
     """An online RL lesson's run (11 RLOO, 12 GRPO): each optimizer step trains on prompts_per_step × G completions."""
 
+    steps: int
+    """Optimizer steps of each RL run (ours and TRL's)."""
     num_generations: int
     """G, completions sampled per prompt."""
     prompts_per_step: int
@@ -69,6 +71,10 @@ class OnlineSizes:
     """Held-out prompts of the gold evaluation and of the probes."""
     eval_samples: int
     """Completions sampled per held-out prompt: gold is their mean, the expected reward RL maximises."""
+    n_probe: int
+    """Held-out prompts of the probes during training (the first of the ``n_eval``), one sample each."""
+    probe_every: int
+    """Steps between probes of gold and KL during training (0 and the last step always)."""
     extra_seeds: int
     """Runs per side beyond the first, with seeds seed+1..: the run-to-run noise a gain must clear (0: none)."""
 
@@ -117,15 +123,16 @@ class Profile:
 
 # Online RL (lessons 11 and 12): each step trains on prompts_per_step × num_generations completions.
 _ONLINE = {
-    "ci": OnlineSizes(num_generations=2, prompts_per_step=1, max_new_tokens=8, learning_rate=2e-4, warm_start_steps=2,
-                      warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=6, eval_samples=2,
-                      extra_seeds=1),
-    "cpu": OnlineSizes(num_generations=8, prompts_per_step=4, max_new_tokens=16, learning_rate=2e-4,
+    "ci": OnlineSizes(steps=3, num_generations=2, prompts_per_step=1, max_new_tokens=8, learning_rate=2e-4,
+                      warm_start_steps=2, warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=6,
+                      eval_samples=2, n_probe=6, probe_every=3, extra_seeds=1),
+    # cpu: one seed a side by default (the reruns are a parameter, extra_seeds): ≤ 20 min a notebook on 2 cores
+    "cpu": OnlineSizes(steps=24, num_generations=8, prompts_per_step=4, max_new_tokens=16, learning_rate=2e-4,
                        warm_start_steps=30, warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=100,
-                       eval_samples=4, extra_seeds=2),
-    "gpu": OnlineSizes(num_generations=8, prompts_per_step=8, max_new_tokens=16, learning_rate=2e-4,
+                       eval_samples=4, n_probe=32, probe_every=12, extra_seeds=0),
+    "gpu": OnlineSizes(steps=150, num_generations=8, prompts_per_step=8, max_new_tokens=16, learning_rate=2e-4,
                        warm_start_steps=60, warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=100,
-                       eval_samples=8, extra_seeds=2),
+                       eval_samples=8, n_probe=100, probe_every=30, extra_seeds=2),
 }
 
 PROFILES = {
@@ -142,8 +149,7 @@ PROFILES = {
                    ipo=IPOSizes(steps=60, batch_size=4, n_pairs=8),
                    kl_penalty=KLStudySizes(n_prompts=8, samples_per_prompt=32, max_new_tokens=48, toy_steps=3000,
                                          toy_learning_rate=0.05),
-                   # GRPO: 5 runs a side (extra_seeds=4); with 3, our loop's gain did not clear the run-to-run noise
-                   rloo=_ONLINE["cpu"], grpo=replace(_ONLINE["cpu"], extra_seeds=4)),
+                   rloo=_ONLINE["cpu"], grpo=_ONLINE["cpu"]),
     "gpu": Profile("gpu", steps=150, batch_size=16, max_length=192, max_new_tokens=64, n_eval=200, n_train=2400,
                    learning_rate=1e-4, eval_batch_size=64, checkpoint_every=50, probe_every=30,
                    preference_learning_rate=5e-4, forward_timing_repeats=3, step_cost_repeats=5,

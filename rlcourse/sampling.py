@@ -1,6 +1,7 @@
-"""Generate completions from the policy: chat template, left padding, explicit sampling settings.
+"""Generate completions from the policy: chat template, explicit sampling settings, through the rollout engine.
 
-Used by the gold evaluation, by the data-generation script and by every online method.
+Used by the gold evaluation, the probes, the data-generation script and every online method; the sampling itself is
+``rlcourse.rollout_engine``'s (a merged copy of the policy, each prompt's prefill shared by its samples).
 """
 
 from __future__ import annotations
@@ -32,7 +33,29 @@ def prompt_text(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-@torch.no_grad()
+def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt as the policy sees it: a message list through the chat template with the generation
+    prompt, a string as it is (no special tokens added)."""
+    if isinstance(prompts[0], str):
+        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return [list(ids) for ids in tokenizer.apply_chat_template(
+        prompts, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]]
+
+
+def sample_ids(model, tokenizer, prompts: list, settings: SamplingSettings, num_return_sequences: int = 1,
+               seed: int | None = 0):
+    """``rlcourse.rollout_engine.Samples`` of ``prompts`` from the policy as it stands (its sampler, synced):
+    ``num_return_sequences`` per prompt, prompt i's k-th at row ``i * num_return_sequences + k``, each cut after its
+    first end-of-sequence token (kept). No top-k cut (TRL's ``top_k=0``)."""
+    from rlcourse.rollout_engine import sampler_for
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return sampler_for(model).sample(
+        prompt_ids(tokenizer, prompts), num_return_sequences, settings.max_new_tokens, eos_token_ids(model, tokenizer),
+        tokenizer.pad_token_id, do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p)
+
+
 def generate(
     model,
     tokenizer,
@@ -46,37 +69,17 @@ def generate(
     """Completions for ``prompts`` (strings or message lists), ``num_return_sequences`` per prompt, in order.
 
     Returns decoded completion texts without special tokens: prompt i's k-th sample is at
-    ``i * num_return_sequences + k``.
+    ``i * num_return_sequences + k``. Sampled by the rollout engine (``rlcourse.rollout_engine``) from the policy
+    as it stands, ``batch_size`` prompts at a time, each prompt's prefill shared by its samples.
     """
     if seed is not None:
         torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    texts = [prompt_text(tokenizer, p) for p in prompts]
     out: list[str] = []
-    # top_k=0: no top-k cut, said explicitly. Left unset, generate() fills in its default of 50 and the samples no
-    # longer come from the policy's distribution (which the sampled gold and the probes' KL assume); TRL uses 0 too.
-    sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0) if settings.do_sample else {}
-    try:
-        batches = range(0, len(texts), batch_size)
-        for start in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2, leave=False):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
-            ids = model.generate(
-                **enc,
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=settings.do_sample,
-                num_return_sequences=num_return_sequences,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-            completion_ids = ids[:, enc["input_ids"].shape[1] :]  # (B * n, T_new)
-            out.extend(tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2, leave=False):
+        samples = sample_ids(model, tokenizer, prompts[start : start + batch_size], settings, num_return_sequences,
+                             seed=None)
+        out.extend(tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True))
     return [o.strip() for o in out]
 
 
@@ -87,7 +90,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return declared if tokenizer.eos_token_id in declared else [tokenizer.eos_token_id, *declared]
 
 
-@torch.no_grad()
 def generate_ids(
     model,
     tokenizer,
@@ -96,44 +98,10 @@ def generate_ids(
     num_return_sequences: int = 1,
     seed: int | None = 0,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of prompts and sampled completions, the way TRL's GRPO/RLOO trainers produce them.
-
-    Each prompt (a message list or a string) is repeated ``num_return_sequences`` times, so prompt i's k-th
-    sample is row ``i * num_return_sequences + k``. The settings are passed as a fresh ``GenerationConfig``
-    (top_k=0: no top-k cut), so the model's own generation defaults cannot change them. Each completion is
-    cut right after its first end-of-sequence token, which it keeps; one that never ends is ``max_new_tokens``
-    long. Returns (prompt_ids, completion_ids), two lists of token-id lists of equal length.
-    """
-    from transformers import GenerationConfig
-
-    from trl.trainer.utils import pad
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    repeated = [p for p in prompts for _ in range(num_return_sequences)]
-    if isinstance(repeated[0], str):
-        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in repeated]
-    else:
-        prompt_ids = [list(ids) for ids in tokenizer.apply_chat_template(
-            repeated, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]]
-    eos = eos_token_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
-        **(dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0) if settings.do_sample else {}),
-    )
-    tensors = [torch.tensor(ids) for ids in prompt_ids]
-    input_ids = pad(tensors, padding_value=tokenizer.pad_token_id, padding_side="left").to(model.device)  # (N, P)
-    attention_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left").to(model.device)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    finally:
-        model.train(was_training)
-    completions = out[:, input_ids.shape[1]:].cpu()  # (N, C)
-    completion_ids = []
-    for row in completions.tolist():
-        end = next((t + 1 for t, tok in enumerate(row) if tok in eos), len(row))
-        completion_ids.append(row[:end])
-    return prompt_ids, completion_ids
+    """Token ids of prompts and sampled completions, the way TRL's GRPO/RLOO trainers lay them out: each prompt
+    repeated ``num_return_sequences`` times (prompt i's k-th sample is row ``i * num_return_sequences + k``), each
+    completion cut right after its first end-of-sequence token, which it keeps. Returns (prompt_ids,
+    completion_ids), two lists of token-id lists of equal length."""
+    samples = sample_ids(model, tokenizer, prompts, settings, num_return_sequences, seed)
+    ids = prompt_ids(tokenizer, prompts)
+    return [p for p in ids for _ in range(num_return_sequences)], samples.completion_ids

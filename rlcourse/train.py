@@ -194,14 +194,20 @@ def train(
     for step in bar:
         t0 = time.perf_counter()
         batch = batches(step)
+        t1 = time.perf_counter()
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
             loss, metrics = step_fn(model, batch)
+        t2 = time.perf_counter()
         loss.backward()
+        t3 = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        # where the step's time went (the bench's breakdown): the batch, the loss's forward, backward, optimizer
+        timings = {"time/batch": t1 - t0, "time/forward": t2 - t1, "time/backward": t3 - t2, "time/optimizer": t4 - t3}
         log.append(step=step + 1, loss=loss.detach(), grad_norm=grad_norm, learning_rate=config.learning_rate,
-                   **metrics, step_time=time.perf_counter() - t0)
+                   **metrics, **timings, step_time=t4 - t0)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if probe is not None and step + 1 in probe_at:
             log.merge([{"step": step + 1, **probe(model)}])

@@ -67,18 +67,21 @@ def test_sizes_the_runs_can_use(name):
 
 
 def test_ci_is_the_smallest_run():
-    """ci exercises the code paths in CI: no size of it is larger than the same size of a real profile."""
-    ci = _sizes(PROFILES["ci"])
+    """ci exercises the code paths in CI: no size of it is larger than the same size of a real profile, except the
+    online reruns (one in ci, so the rerun path runs; none by default in cpu, where they are a parameter)."""
+    ci = {k: v for k, v in _sizes(PROFILES["ci"]).items() if not k.endswith("extra_seeds")}
     for name in ("cpu", "gpu"):
         larger = {k: (v, _sizes(PROFILES[name])[k]) for k, v in ci.items() if v > _sizes(PROFILES[name])[k]}
         assert not larger, f"ci is larger than {name} in {larger}"
 
 
-def test_online_lessons_differ_only_where_grpo_needs_more_seeds():
-    """Lessons 11 and 12 compare RLOO and GRPO on the same budget; only GRPO's cpu acceptance test runs more seeds."""
+def test_online_lessons_share_one_budget():
+    """Lessons 11 and 12 compare RLOO and GRPO on the same budget; the cpu default is one run a side (the reruns that
+    measure run-to-run noise are a parameter, extra_seeds), and the probes look at a subset of the held-out prompts."""
     for name, p in PROFILES.items():
-        assert dataclasses.replace(p.grpo, extra_seeds=p.rloo.extra_seeds) == p.rloo, name
-    assert (PROFILES["cpu"].rloo.extra_seeds, PROFILES["cpu"].grpo.extra_seeds) == (2, 4)
+        assert p.grpo == p.rloo, name
+        assert p.rloo.n_probe <= p.rloo.n_eval and 1 <= p.rloo.probe_every <= p.rloo.steps, name
+    assert PROFILES["cpu"].rloo.extra_seeds == 0
 
 
 def test_overrides_change_one_field_and_leave_the_table_alone():
@@ -86,9 +89,9 @@ def test_overrides_change_one_field_and_leave_the_table_alone():
     p = get_profile("cpu", preference_learning_rate=1e-3, ipo=IPOSizes(steps=5, batch_size=2, n_pairs=4))
     assert (p.preference_learning_rate, p.ipo.steps) == (1e-3, 5)
     assert dataclasses.replace(p, preference_learning_rate=before.preference_learning_rate, ipo=before.ipo) == before
-    fewer_seeds = get_profile("cpu", grpo=dataclasses.replace(before.grpo, extra_seeds=0))
-    assert fewer_seeds.grpo.extra_seeds == 0 and fewer_seeds.rloo == before.rloo
-    assert PROFILES["cpu"] is before and before.grpo.extra_seeds == 4
+    more_seeds = get_profile("cpu", grpo=dataclasses.replace(before.grpo, extra_seeds=4))
+    assert more_seeds.grpo.extra_seeds == 4 and more_seeds.rloo == before.rloo
+    assert PROFILES["cpu"] is before and before.grpo.extra_seeds == 0
     with pytest.raises(TypeError):
         get_profile("cpu", toy_steps=10)  # a lesson's size is set on its dataclass, not on the profile
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -102,7 +102,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
               ref_logps: torch.Tensor | None = None, beta: float = 0.0, clip_eps: float = 0.2,
               clip_eps_high: float | None = None, importance_sampling_level: str = "token",
               loss_type: str = "dapo", max_completion_length: int | None = None,
-              num_items: torch.Tensor | float | None = None, kl_bias_correction: bool = True) -> torch.Tensor:
+              num_items: torch.Tensor | float | None = None, kl_bias_correction: bool = True,
+              sampler_weights: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO's objective as a loss (Shao et al. 2024, Eq. 3), with TRL's variants:
 
         ℓ_{i,t} = −min(ρ_{i,t} Â_i, clip(ρ_{i,t}, 1−ε, 1+ε_high) Â_i) + β·D_{i,t},
@@ -116,13 +117,17 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     update per batch); advantages: (N,) Â; mask: (N, C) m; ref_logps: (N, C) log π_ref, needed when beta ≠ 0;
     beta: β; clip_eps: ε (TRL ``epsilon``); clip_eps_high: ε_high (TRL ``epsilon_high``, None: ε);
     importance_sampling_level: "token" | "sequence"; loss_type: see ``aggregate_loss``;
-    max_completion_length: for "dr_grpo"; num_items: for "dapo". Returns a scalar.
+    max_completion_length: for "dr_grpo"; num_items: for "dapo"; sampler_weights: (N, C) or (N, 1) importance
+    weights of the rollouts' sampler (``losses.off_policy.sampler_importance_weights``), multiplying the policy
+    term as TRL's ``vllm_importance_sampling_correction`` does (None: no correction). Returns a scalar.
     """
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)  # (N, C) or (N, 1)
     adv = advantages.unsqueeze(-1)  # (N, 1)
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)  # (N, C) or (N, 1)
+    if sampler_weights is not None:
+        per_token = per_token * sampler_weights  # (N, C) or (N, 1)
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("beta != 0 needs ref_logps, the reference policy's per-token log-probs")

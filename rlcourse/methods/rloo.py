@@ -68,14 +68,16 @@ def rloo_step(model, batch: RolloutBatch, settings: Settings, rollout: RolloutSe
     """One RLOO step's loss on a scored batch, and the metrics TRL logs under the same names."""
     batch = to_model_device(model, batch)
     mask = batch.completion_mask.float()  # (N, C)
-    logps, entropy, ref_logps = policy_logprobs(model, batch, rollout.sampling.temperature, settings.beta)
+    logps, entropy, ref_logps, ref_seconds = policy_logprobs(model, batch, rollout.sampling.temperature,
+                                                             settings.beta, rollout.num_generations)
     old_logps = logps.detach()  # one update per batch: π_θ_old = π_θ
     adv = advantages(batch, settings, rollout, old_logps, ref_logps)
     loss = rloo_loss(logps, old_logps, adv, mask, settings.clip_eps, settings.clip_eps_high)
     metrics = {}
     if settings.beta != 0.0:
         metrics["kl_token"] = masked_token_mean(kl_k1(old_logps, ref_logps), mask)
-    return loss, metrics | rollout_metrics(batch, rollout.num_generations, adv, entropy)
+    return loss, metrics | rollout_metrics(batch, rollout.num_generations, adv, entropy, old_logps,
+                                           reference_seconds=ref_seconds)
 
 
 def step_fn(settings: Settings, rollout: RolloutSettings):

@@ -2,7 +2,8 @@
 
     for step in range(steps):                                   # rlcourse.train.train drives this
         rows   = the next prompts_per_step prompts (in order)
-        ids    = G completions per prompt, sampled with explicit SamplingSettings    # Rollouts(step)
+        ids    = G completions per prompt, sampled with explicit SamplingSettings    # Rollouts(step), by the
+                 rollout engine: a merged copy of the policy synced after each step, one prefill per prompt
         r      = task reward(prompts, completions, **columns)                         # TRL's reward_funcs signature
         then the method's step: its advantages and loss on the scored RolloutBatch   # rloo.py, grpo.py
 
@@ -15,15 +16,18 @@ fed to TRL's own loss for a parity check on fixed completions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from rlcourse.batches import RolloutBatch, batch_indices, pad_rollout
 from rlcourse.logprobs import masked_token_mean, to_model_device
+from rlcourse.losses.off_policy import sampler_gap_metrics
 from rlcourse.models import reference_policy
-from rlcourse.sampling import SamplingSettings, generate_ids
+from rlcourse.rollout_engine import sampler_for
+from rlcourse.sampling import SamplingSettings, eos_token_ids, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -70,14 +74,26 @@ class Rollouts:
         s = self.settings
         rows = [self.rows[i] for i in batch_indices(step, s.prompts_per_step, len(self.rows))]
         prompts = [r["prompt"] for r in rows]
-        prompt_ids, completion_ids = generate_ids(self.model, self.tokenizer, prompts, s.sampling,
-                                                  s.num_generations, seed=self.seed * 1_000_003 + step)
-        batch = self.score(rows, prompt_ids, completion_ids)
+        t0 = time.perf_counter()
+        sampler = sampler_for(self.model)  # synced with the policy's weights after the last optimizer step
+        sync_s = time.perf_counter() - t0
+        torch.manual_seed(self.seed * 1_000_003 + step)  # a resumed run samples the same completions
+        ids = prompt_ids(self.tokenizer, prompts)
+        samples = sampler.sample(ids, s.num_generations, s.sampling.max_new_tokens,
+                                 eos_token_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id,
+                                 temperature=s.sampling.temperature, top_p=s.sampling.top_p)
+        repeated = [p for p in ids for _ in range(s.num_generations)]
+        t1 = time.perf_counter()
+        batch = self.score(rows, repeated, samples.completion_ids, samples.logps)
+        timings = {"sync": sync_s, "prefill": samples.prefill_s, "decode": samples.decode_s,
+                   "reward": time.perf_counter() - t1}
+        batch = replace(batch, timings=timings)
         if step == 0:
             self.first = batch
         return batch
 
-    def score(self, rows: list[dict], prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> RolloutBatch:
+    def score(self, rows: list[dict], prompt_ids: list[list[int]], completion_ids: list[list[int]],
+              sampler_logps: list[list[float]] | None = None) -> RolloutBatch:
         """Decode and reward given completions (G per row, row by row): the batch a step trains on."""
         G = self.settings.num_generations
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -90,22 +106,28 @@ class Rollouts:
         if len(rewards) != len(prompts) or any(r is None for r in rewards):
             raise ValueError(f"the reward function returned {len(rewards)} rewards (or a None) for {len(prompts)} "
                              f"completions; it must return one float per completion")
-        return RolloutBatch(**pad_rollout(prompt_ids, completion_ids, self.tokenizer.pad_token_id),
+        return RolloutBatch(**pad_rollout(prompt_ids, completion_ids, self.tokenizer.pad_token_id, sampler_logps),
                             rewards=torch.tensor(rewards, dtype=torch.float32), completions=texts)  # rewards (N,)
 
 
-def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False):
+def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
+                        num_generations: int = 1):
     """Per-token log π of the completion tokens, (N, C), and optionally their entropies (N, C).
 
-    Only the last C+1 positions' logits are computed (``logits_to_keep``): position P−1+t predicts
-    completion token t. Logits are divided by the sampling temperature, as TRL does.
+    Only the completion positions' logits are computed: position P−1+t predicts completion token t. Logits are
+    divided by the sampling temperature, as TRL does. With ``num_generations`` = G > 1 and the rows in groups of G
+    that share their prompt (as rollouts are), each prompt's forward runs once and its G completions attend to its
+    keys and values (``shared_prompt_logits``): the same log-probs, and gradients, for ~P/C fewer token-forwards.
     """
     batch = to_model_device(model, batch)
-    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)  # (N, P+C)
-    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)  # (N, P+C)
-    C = batch.completion_ids.size(1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=C + 1).logits  # (N, C+1, V)
-    logits = logits[:, :-1].float() / temperature  # (N, C, V): row t predicts completion token t
+    if num_generations > 1 and _prompts_repeat(batch, num_generations):
+        logits = shared_prompt_logits(model, batch, num_generations)  # (N, C, V)
+    else:
+        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)  # (N, P+C)
+        attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)  # (N, P+C)
+        C = batch.completion_ids.size(1)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=C + 1).logits[:, :-1]
+    logits = logits.float() / temperature  # (N, C, V): row t predicts completion token t
     logp_all = F.log_softmax(logits, dim=-1)  # (N, C, V)
     logps = torch.gather(logp_all, 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, C)
     if not with_entropy:
@@ -115,24 +137,71 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     return logps, entropy
 
 
-def policy_logprobs(model, batch: RolloutBatch, temperature: float, beta: float):
+def _prompts_repeat(batch: RolloutBatch, G: int) -> bool:
+    """True when the N rows form N/G groups of G rows with one prompt each (the layout ``Rollouts`` makes)."""
+    N, P = batch.prompt_ids.shape
+    if N % G:
+        return False
+    ids = batch.prompt_ids.view(N // G, G, P)
+    return bool((ids == ids[:, :1]).all()) and bool((batch.prompt_mask.view(N // G, G, P) ==
+                                                    batch.prompt_mask.view(N // G, G, P)[:, :1]).all())
+
+
+def shared_prompt_logits(model, batch: RolloutBatch, G: int) -> torch.Tensor:
+    """The logits (N, C, V) that predict each completion token, with each group's prompt forwarded once.
+
+    The B = N/G distinct prompts (left-padded, (B, P)) run first and keep their keys and values; those are repeated
+    G times and the completions (N, C−1: the last token predicts nothing) run on top of them, with positions that
+    continue each prompt's. Gradients flow through the shared keys and values back into the prompt's forward, so
+    a LoRA update sees exactly what a forward over the N full sequences would give it, up to rounding.
+    """
+    N, P = batch.prompt_ids.shape
+    prompt_mask = batch.prompt_mask[::G]  # (B, P)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    out = model(input_ids=batch.prompt_ids[::G], attention_mask=prompt_mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V): predicts completion token 0
+    C = batch.completion_ids.size(1)
+    if C == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)
+    after = positions[:, -1:].repeat_interleave(G, dim=0) + 1 + torch.arange(C - 1, device=positions.device)
+    mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)  # (N, P+C−1)
+    rest = model(input_ids=batch.completion_ids[:, :-1], attention_mask=mask, position_ids=after,
+                 past_key_values=cache, use_cache=True).logits  # (N, C−1, V)
+    return torch.cat([first, rest], dim=1)
+
+
+def policy_logprobs(model, batch: RolloutBatch, temperature: float, beta: float, num_generations: int = 1):
     """What every online step starts from: log π_θ (N, C) with gradient, its entropy (N, C), and log π_ref (N, C),
-    computed (with the adapters off, or the "ref" adapter) only when the KL coefficient β ≠ 0, else None."""
-    ref_logps = None
+    computed (with the adapters off, or the "ref" adapter) only when the KL coefficient β ≠ 0, else None. Each
+    group of ``num_generations`` rows' prompt is forwarded once (``completion_logprobs``). Also returns the seconds
+    the reference forward took (0 without one), for the step breakdown."""
+    ref_logps, t0 = None, time.perf_counter()
     if beta != 0.0:
         with torch.no_grad(), reference_policy(model):
-            ref_logps, _ = completion_logprobs(model, batch, temperature)
-    logps, entropy = completion_logprobs(model, batch, temperature, with_entropy=True)
-    return logps, entropy, ref_logps
+            ref_logps, _ = completion_logprobs(model, batch, temperature, num_generations=num_generations)
+    reference_seconds = time.perf_counter() - t0
+    logps, entropy = completion_logprobs(model, batch, temperature, with_entropy=True,
+                                         num_generations=num_generations)
+    return logps, entropy, ref_logps, reference_seconds
 
 
-def rollout_metrics(batch: RolloutBatch, num_generations: int, advantages: torch.Tensor,
-                    entropy: torch.Tensor) -> dict:
+def rollout_metrics(batch: RolloutBatch, num_generations: int, advantages: torch.Tensor, entropy: torch.Tensor,
+                    old_logps: torch.Tensor | None = None, sampler_weights: torch.Tensor | None = None,
+                    reference_seconds: float = 0.0) -> dict:
     """The metrics TRL's online trainers log under these names: rewards (mean, spread, groups with no spread),
-    entropy, completion length, advantages."""
+    entropy, completion length, advantages; with the policy's log-probs ``old_logps`` (N, C) and a batch from the
+    rollout engine, the sampler/policy gap (``sampling/*``, as TRL logs it with vLLM). Also the seconds the batch
+    took by phase and the reference forward's (``time/*``), for the step breakdown."""
     rewards, mask = batch.rewards, batch.completion_mask.float()
     grouped = rewards.view(-1, num_generations)  # (B, G)
-    return {
+    gap = {}
+    if old_logps is not None and batch.sampler_logps is not None:
+        gap = sampler_gap_metrics(old_logps, batch.sampler_logps.to(old_logps.device), mask, sampler_weights)
+    timings = {f"time/{k}": v for k, v in batch.timings.items()} | {"time/reference_forward": reference_seconds}
+    return gap | timings | {
         "reward": rewards.mean(),
         "reward_std": rewards.std(),
         "reward_group_std": grouped.std(1).mean(),
