@@ -120,6 +120,13 @@ class RolloutBatch(Batch):
     timings: dict = field(default_factory=dict, compare=False)
     """Seconds spent producing the batch, by phase ("sync", "prefill", "decode", "reward"): the step breakdown."""
 
+    def head(self, rows: int) -> RolloutBatch:
+        """The first ``rows`` rows (whole groups, when ``rows`` is a multiple of G), in the same layout: a smaller
+        batch for a check that does not need them all."""
+        cut = {f.name: getattr(self, f.name)[:rows] for f in fields(self)
+               if isinstance(getattr(self, f.name), (torch.Tensor, list))}
+        return replace(self, **cut)
+
 
 # ── collation ────────────────────────────────────────────────────────────────────────────────────────────────
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,10 @@ class Sampler:
     """A merged, dequantised, plain copy of ``policy`` for sampling, in ``dtype`` (None: the course's precision on
     this machine, ``rlcourse.precision``: bf16 where it is native, else fp32)."""
 
+    KEEP_PREFILLS = 8
+    """Prefills kept for prompts sampled again with unchanged weights (an evaluation's greedy pass after its sampled
+    one, batch by batch): each holds a batch of prompts' keys and values."""
+
     def __init__(self, policy, dtype: torch.dtype | None = None):
         from transformers import AutoModelForCausalLM
 
@@ -104,6 +109,8 @@ class Sampler:
             for key, layer in self.lora.items():
                 self.base[key] = _dequantised(layer.get_base_layer())
         self.syncs = 0
+        self.version = None  # what the copy holds (``_policy_version``); a sync with nothing new copies nothing
+        self.prefills: OrderedDict = OrderedDict()  # (version, prompts) -> a prefill, for prompts sampled again
         self.sync()
 
     def _copy(self, source, target) -> None:
@@ -111,10 +118,25 @@ class Sampler:
         if getattr(source, "bias", None) is not None:
             target.bias.copy_(source.bias.detach())
 
+    def _policy_version(self) -> tuple:
+        """Changes whenever the weights the policy computes with may have: an in-place update of a trained
+        parameter (its ``_version``), a parameter given another tensor, or another adapter context (disabled, or which adapter is active)."""
+        layer = next(iter(self.lora.values()), None)
+        context = () if layer is None else (layer.disable_adapters, tuple(layer.active_adapters))
+        # a parameter's tensor (data_ptr: replaced by a cast) and its in-place updates (_version: an optimizer step)
+        versions = tuple((p.data_ptr(), p._version) for layer in self.lora.values() for p in layer.parameters())
+        trained = tuple((p.data_ptr(), p._version) for m in self.trainable.values() for p in m.parameters(recurse=False))
+        return context, versions, trained
+
     @torch.no_grad()
     def sync(self) -> None:
         """Copy the policy's current weights: each LoRA layer's base plus the update of its active adapters (none
-        while the adapters are disabled). TRL does the same before each generation with vLLM."""
+        while the adapters are disabled). TRL does the same before each generation with vLLM. Nothing is copied when
+        nothing changed since the last sync (e.g. the greedy pass of an evaluation after its sampled one)."""
+        version = self._policy_version()
+        if version == self.version:
+            return
+        self.version = version
         plain = dict(self.model.named_modules())
         for name, layer in self.lora.items():
             weight = self.base[name]
@@ -148,10 +170,18 @@ class Sampler:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): padding does not shift a prompt's positions
         t0 = time.perf_counter()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        key = (self.version, tuple(map(tuple, prompt_ids)))
+        if key not in self.prefills:  # the same prompts with the same weights are prefilled once (kept: 8 batches)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
+            self.prefills[key] = (out.past_key_values, out.logits)
+            while len(self.prefills) > self.KEEP_PREFILLS:
+                self.prefills.popitem(last=False)
+        self.prefills.move_to_end(key)
+        cache, prefill_logits = self.prefills[key]
+        cache = copy.deepcopy(cache)  # decoding grows and reorders the cache; the kept prefill stays as it was
         cache.batch_repeat_interleave(n)  # the prompt's keys and values, shared by its n samples
-        logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # (N, V), N = B·n: predicts each first token
+        logits = prefill_logits[:, -1].repeat_interleave(n, dim=0)  # (N, V), N = B·n: predicts each first token
         mask = mask.repeat_interleave(n, dim=0)
         position = positions[:, -1:].repeat_interleave(n, dim=0) + 1  # (N, 1)
         prefill_s = time.perf_counter() - t0
