@@ -65,6 +65,23 @@ GLOSSARY: dict[str, str] = {
     "advantages/mean": "Online RL: mean advantage over the step's completions (0 for group-centred advantages).",
     "advantages/std": "Online RL: standard deviation of the step's advantages.",
     "advantages/abs_max": "Online RL: largest |advantage| in the step.",
+    "sampling/sampling_logp_difference/mean": "Online RL (ours): mean |log π_sampler − log π_policy| over the "
+                                              "step's sampled tokens: the rollout engine's merged copy against the "
+                                              "4-bit policy (TRL logs the same with vLLM).",
+    "sampling/sampling_logp_difference/max": "Online RL (ours): the largest such gap in the step.",
+    "sampling/importance_sampling_ratio/min": "GRPO with a sampler correction: smallest truncated importance weight "
+                                              "π_policy / π_sampler (per token or per sequence).",
+    "sampling/importance_sampling_ratio/mean": "GRPO with a sampler correction: mean importance weight.",
+    "sampling/importance_sampling_ratio/max": "GRPO with a sampler correction: largest importance weight.",
+    "time/batch": "Seconds spent producing the step's batch (online: sync, prefill, decode, reward; machine-dependent).",
+    "time/sync": "Online (ours): seconds copying the policy's weights into the sampler (LoRA merged).",
+    "time/prefill": "Online (ours): seconds of the prompts' forward in sampling, once per prompt.",
+    "time/decode": "Online (ours): seconds decoding the completions token by token.",
+    "time/reward": "Online (ours): seconds scoring the completions.",
+    "time/reference_forward": "Online (ours): seconds of the reference policy's forward (0 when β = 0).",
+    "time/forward": "Seconds of the step's loss: its forwards (policy and reference) and the loss arithmetic.",
+    "time/backward": "Seconds of the backward pass.",
+    "time/optimizer": "Seconds of gradient clipping and the optimizer's update.",
     "nll_loss": "CPO/ORPO: the behaviour-cloning term, mean NLL of the chosen sequences' tokens (CPO: completion "
                 "tokens; ORPO, as TRL: prompt and completion tokens). TRL logs 0 when CPO's cpo_alpha is 0.",
     "or_loss": "ORPO: mean odds-ratio loss −log σ(log odds_θ(y_w|x) − log odds_θ(y_l|x)) over the pairs (log 2 "

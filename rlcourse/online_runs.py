@@ -64,6 +64,7 @@ class OnlineRun:
         self.summary: dict = {}  # "sampled", "greedy": evaluate.report's, once ``report`` ran
         self.seeds: list[int] = []
         self.noise: dict = {}  # evaluate.report_runs', once ``rerun_with_seeds`` ran
+        self.gap: dict = {}  # the sampler/policy gap of our run, once ``sampler_gap`` ran
         self.label = method.__name__.rsplit(".", 1)[-1].upper()  # "RLOO", "GRPO": plot titles
 
     def sampled_gold(self, base: bool = False, prompts=None):
@@ -149,6 +150,27 @@ class OnlineRun:
         evaluate.show_samples(self.gold_greedy, k=4)
         return self.summary["sampled"], self.summary["greedy"]
 
+    def sampler_gap(self) -> dict:
+        """How far the rollout engine's log-probs were from the 4-bit policy's on the tokens our run sampled
+        (``sampling/sampling_logp_difference/*``, per step): plotted to ``sampler_gap.png``, summarised, and asserted
+        within this precision's bound (``rlcourse.parity.Tolerance.sampler_gap``); a sampler that missed a sync
+        drifts past it. Returns {"mean": mean of the per-step means, "max": the largest, "bound": the bound}."""
+        from rlcourse import plots
+        from rlcourse.parity import tolerance
+
+        ours, names = self.logs["ours"], ["sampling/sampling_logp_difference/mean",
+                                          "sampling/sampling_logp_difference/max"]
+        plots.overlay({"ours": ours}, names, f"{self.label}: |log π_sampler − log π_policy| per sampled token",
+                      self.out / "sampler_gap.png")
+        means, largest = ([v for v in ours[name] if v is not None] for name in names)  # probe-only rows have none
+        self.gap = {"mean": sum(means) / len(means), "max": max(largest), "bound": tolerance().sampler_gap}
+        print(f"sampler/policy gap over the run: mean of the per-step means {self.gap['mean']:.2e}, largest "
+              f"{self.gap['max']:.2e} (bound {self.gap['bound']:g}, {len(means)} steps)")
+        if self.gap["max"] >= self.gap["bound"]:
+            raise AssertionError(f"the sampler's log-probs drifted {self.gap['max']:.3g} from the policy's (bound "
+                                 f"{self.gap['bound']:g}): is it synced after every optimizer step?")
+        return self.gap
+
     def rerun_with_seeds(self, settings, seeds) -> tuple[dict, dict]:
         """Both loops again from the start adapters, once per seed in ``seeds``; returns the reruns,
         {"ours": [(seed, log, gold), ...], "TRL": [...]}, and the gains of all the runs over the start
@@ -166,6 +188,10 @@ class OnlineRun:
         from rlcourse.train import train
         from rlcourse.trl_runs import run_trl
 
+        if not seeds:
+            print("extra_seeds=0: one run a side. Set extra_seeds (e.g. 4) to measure the run-to-run noise a gain "
+                  "must clear.")
+            return {}, {}
         policy, out_dir = self.policy, self.out / "seeds"
         with_ref = REF_ADAPTER in policy.peft_config
         trainer_cls, _ = self.method.trl_classes()
@@ -240,6 +266,7 @@ class OnlineRun:
             "config": {k: str(v) for k, v in {**vars(settings), **vars(self.rollout)}.items()},
             "gold_start": self.start_name, "gold": self.summary["sampled"], "gold_greedy": self.summary["greedy"],
             "run_to_run": {"seeds": self.seeds, **self.noise}, "parity_fixed_completions": parity,
+            "sampler_gap": self.gap,
             "kl_end": {"ours": ours.at(self.sizes.steps).get("kl"), "TRL": theirs.at(self.sizes.steps).get("kl")},
             "variants": {k: {"gold_mean": v.mean, "steps": variant_steps} for k, v in variants.items()},
         }, indent=1))

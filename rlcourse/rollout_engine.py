@@ -92,6 +92,7 @@ class Sampler:
         if hasattr(config, "quantization_config"):  # the copy is plain: no 4-bit layers
             del config.quantization_config
         self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval().requires_grad_(False)
+        self.model.to(next(policy.parameters()).device)  # beside the policy (the GPU's, on CUDA)
         self.model.generation_config = getattr(policy, "generation_config", self.model.generation_config)
         self.lora = _lora_layers(policy)
         self.base: dict[str, torch.Tensor] = {}  # fp32 base weights of the LoRA layers, unpacked once
