@@ -309,9 +309,9 @@ def main(argv=None) -> list[dict]:
              f"{precision.name} ({precision.reason}); offline batch {args.batch_size}, online the cpu profile's "
              f"size", "", ceiling.describe(), "",
              "| method | impl | median step (s) | ours / TRL | peak RSS (MB) |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['method']} | {r['impl']} | {r['median_step_s']:.2f} | "
-              f"{f'{ratios[r['method']]:.2f}' if r['impl'] == 'ours' and r['method'] in ratios else ''} | "
-              f"{r['peak_rss_mb']:.0f} |" for r in whole]
+    for r in whole:
+        ratio = f"{ratios[r['method']]:.2f}" if r["impl"] == "ours" and r["method"] in ratios else ""
+        lines.append(f"| {r['method']} | {r['impl']} | {r['median_step_s']:.2f} | {ratio} | {r['peak_rss_mb']:.0f} |")
     online = [m for m in args.methods if METHODS[m].data == "prompts"]
     if online:
         parts = {(r["method"], r["impl"]): r["median_step_s"] for r in rows}
