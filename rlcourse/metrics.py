@@ -73,7 +73,8 @@ GLOSSARY: dict[str, str] = {
                                               "π_policy / π_sampler (per token or per sequence).",
     "sampling/importance_sampling_ratio/mean": "GRPO with a sampler correction: mean importance weight.",
     "sampling/importance_sampling_ratio/max": "GRPO with a sampler correction: largest importance weight.",
-    "time/batch": "Seconds spent producing the step's batch (online: sync, prefill, decode, reward; machine-dependent).",
+    "time/batch": "Seconds spent producing the step's batch (online: sync, prefill, decode, reward; "
+                  "machine-dependent).",
     "time/sync": "Online (ours): seconds copying the policy's weights into the sampler (LoRA merged).",
     "time/prefill": "Online (ours): seconds of the prompts' forward in sampling, once per prompt.",
     "time/decode": "Online (ours): seconds decoding the completions token by token.",

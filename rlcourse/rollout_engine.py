@@ -17,13 +17,15 @@ weights, far less than the decoding it precedes.
 The copy is not bit-identical to the policy it trains: its matmuls run on W + ΔW merged, the policy's on the
 dequantised W and the LoRA path apart, and in bf16 the merged weight is rounded once more. ``sample`` returns the
 sampler's log-probability of every token it drew, so the gap to the policy's own log-probs on the same tokens can
-be measured each step (``rollouts.sampler_gap``): the off-policy gap that vLLM rollouts have too, and that TRL's
-truncated importance-sampling correction (``losses.off_policy``) accounts for.
+be measured each step (``losses.off_policy.sampler_gap_metrics``, logged by ``rollouts.rollout_metrics``): the
+off-policy gap that vLLM rollouts have too, and that TRL's truncated importance-sampling correction
+(``losses.off_policy``) accounts for.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,6 +43,17 @@ def _dequantised(layer) -> torch.Tensor:
 
         return bnbf.dequantize_4bit(weight.data, quant_state).float()
     return weight.detach().float()
+
+
+def _compute_dtype(policy) -> torch.dtype:
+    """The dtype the policy's matmuls run in: a 4-bit layer's compute dtype (the course's precision on this machine,
+    ``rlcourse.precision``: bf16 where native, else fp32), else its floating-point weights' dtype."""
+    import bitsandbytes as bnb
+
+    for module in policy.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.compute_dtype is not None:
+            return module.compute_dtype
+    return next(p.dtype for p in policy.parameters() if p.is_floating_point())
 
 
 def _lora_layers(policy) -> dict[str, torch.nn.Module]:
@@ -75,8 +88,9 @@ class Samples:
 
 
 class Sampler:
-    """A merged, dequantised, plain copy of ``policy`` for sampling, in ``dtype`` (None: the course's precision on
-    this machine, ``rlcourse.precision``: bf16 where it is native, else fp32)."""
+    """A merged, dequantised, plain copy of ``policy`` for sampling, in ``dtype`` (None: the dtype the policy computes
+    in, ``_compute_dtype``: for the course's 4-bit policy the machine's precision, bf16 where it is native, else
+    fp32)."""
 
     KEEP_PREFILLS = 8
     """Prefills kept for prompts sampled again with unchanged weights (an evaluation's greedy pass after its sampled
@@ -85,9 +99,7 @@ class Sampler:
     def __init__(self, policy, dtype: torch.dtype | None = None):
         from transformers import AutoModelForCausalLM
 
-        from rlcourse.precision import current
-
-        self.dtype = dtype or current().dtype
+        self.dtype = dtype or _compute_dtype(policy)
         config = copy.deepcopy(policy.config)
         if hasattr(config, "quantization_config"):  # the copy is plain: no 4-bit layers
             del config.quantization_config
@@ -121,12 +133,14 @@ class Sampler:
 
     def _policy_version(self) -> tuple:
         """Changes whenever the weights the policy computes with may have: an in-place update of a trained
-        parameter (its ``_version``), a parameter given another tensor, or another adapter context (disabled, or which adapter is active)."""
+        parameter (its ``_version``), a parameter given another tensor, or another adapter context (disabled, or
+        which adapter is active)."""
         layer = next(iter(self.lora.values()), None)
         context = () if layer is None else (layer.disable_adapters, tuple(layer.active_adapters))
         # a parameter's tensor (data_ptr: replaced by a cast) and its in-place updates (_version: an optimizer step)
         versions = tuple((p.data_ptr(), p._version) for layer in self.lora.values() for p in layer.parameters())
-        trained = tuple((p.data_ptr(), p._version) for m in self.trainable.values() for p in m.parameters(recurse=False))
+        trained = tuple((p.data_ptr(), p._version) for m in self.trainable.values()
+                        for p in m.parameters(recurse=False))
         return context, versions, trained
 
     @torch.no_grad()
@@ -159,8 +173,6 @@ class Sampler:
         Sampling is from softmax(logits / temperature), cut to the top-p nucleus when ``top_p`` < 1, with no top-k
         cut (TRL's ``top_k=0``); ``do_sample=False`` is greedy. Draws use ``generator`` (None: torch's global one).
         """
-        import time
-
         device = next(self.model.parameters()).device
         B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
         ids = torch.full((B, P), pad_id, dtype=torch.long)

@@ -44,5 +44,6 @@ def accelerate_config(name: str = "multi_gpu"):
 
     path = CONFIGS / f"{name}.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; the configurations are {sorted(p.stem for p in CONFIGS.glob('*.yaml'))}")
+        names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+        raise FileNotFoundError(f"{path} does not exist; the configurations are {names}")
     return load_config_from_file(str(path))

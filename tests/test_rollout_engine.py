@@ -105,7 +105,8 @@ def test_draw_and_nucleus_sample_the_right_distribution():
     torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.2]), atol=0.015, rtol=0)
     kept = _nucleus(probs[:1], top_p=0.6)  # 0.5 < 0.6: the second token is needed to reach the mass
     torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.0]]))
-    torch.testing.assert_close(_nucleus(probs[:1], top_p=0.4), torch.tensor([[0.5, 0.0, 0.0]]))  # the most likely token always stays
+    # the most likely token always stays
+    torch.testing.assert_close(_nucleus(probs[:1], top_p=0.4), torch.tensor([[0.5, 0.0, 0.0]]))
 
 
 def test_shared_prompt_forward_gives_the_full_forwards_logprobs_and_gradients(perturbed, tokenizer):

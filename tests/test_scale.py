@@ -28,8 +28,8 @@ def test_an_unknown_config_names_the_ones_there_are():
 @pytest.mark.parametrize("method", [grpo, rloo])
 def test_trl_online_configs_take_the_vllm_options(method, tmp_path):
     rollout = RolloutSettings(num_generations=8, prompts_per_step=4)
-    config = trl_online_config(method, method.Settings(), rollout,
-                               TrainConfig(steps=2, batch_size=rollout.completions_per_step, learning_rate=1e-4), tmp_path,
+    train = TrainConfig(steps=2, batch_size=rollout.completions_per_step, learning_rate=1e-4)
+    config = trl_online_config(method, method.Settings(), rollout, train, tmp_path,
                                **vllm_options(gpu_memory_utilization=0.25))
     assert (config.use_vllm, config.vllm_mode, config.vllm_gpu_memory_utilization) == (True, "colocate", 0.25)
     assert config.num_generations == 8 and config.per_device_train_batch_size == 32
@@ -38,7 +38,8 @@ def test_trl_online_configs_take_the_vllm_options(method, tmp_path):
 def test_grpo_sampler_correction_maps_to_trls_vllm_options(tmp_path):
     settings = grpo.Settings(sampler_correction="token_truncate", sampler_clip_max=2.0)
     rollout = RolloutSettings(num_generations=4, prompts_per_step=2)
-    config = trl_online_config(grpo, settings, rollout, TrainConfig(steps=2, batch_size=8, learning_rate=1e-4), tmp_path, **vllm_options())
+    train = TrainConfig(steps=2, batch_size=8, learning_rate=1e-4)
+    config = trl_online_config(grpo, settings, rollout, train, tmp_path, **vllm_options())
     assert config.vllm_importance_sampling_correction
     assert (config.vllm_importance_sampling_mode, config.vllm_importance_sampling_clip_max) == ("token_truncate", 2.0)
     with pytest.raises(ValueError, match="sampler_correction"):

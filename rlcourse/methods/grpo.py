@@ -59,7 +59,8 @@ class Settings:
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards={self.scale_rewards!r}; choose one of {SCALE_REWARDS}")
         if self.sampler_correction is not None and self.sampler_correction not in SAMPLER_IS_MODES:
-            raise ValueError(f"sampler_correction={self.sampler_correction!r}; choose None or one of {SAMPLER_IS_MODES}")
+            raise ValueError(f"sampler_correction={self.sampler_correction!r}; choose None or one of "
+                             f"{SAMPLER_IS_MODES}")
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; choose 'token' or "
                              "'sequence'")
