@@ -32,8 +32,9 @@ from rlcourse.precision import current as current_precision
 
 MAX_LENGTH = 256
 """Longest prompt + completion of the offline methods; the concise task's rows fit, so neither side truncates."""
-PROMPT_TOKENS = 45
-"""An arithmetic prompt's length in tokens with SmolLM2's chat template and default system prompt (the floor's)."""
+PROMPT_TOKENS = 46
+"""An arithmetic prompt's length in tokens (45 to 47) with SmolLM2's chat template and the online lessons' system
+message (``rlcourse.online_runs.SYSTEM``: the template's default): the floor's."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ def _online(bench: Bench, impl: str, batch_size: int, steps: int, out) -> dict[s
     ``PHASES``; ``batch_size`` is unused (the profile sets it)."""
     from rlcourse.methods.rollouts import RolloutSettings, Rollouts, trl_online_config
     from rlcourse.models import LoraSettings, load_model, load_tokenizer
+    from rlcourse.online_runs import SYSTEM
     from rlcourse.profiles import get_profile
     from rlcourse.sampling import SamplingSettings
     from rlcourse.tasks import get_task
@@ -222,7 +224,7 @@ def _online(bench: Bench, impl: str, batch_size: int, steps: int, out) -> dict[s
 
     method = importlib.import_module(f"rlcourse.methods.{bench.module}")
     sizes = getattr(get_profile("cpu"), bench.module)
-    tok, task = load_tokenizer(), get_task("arithmetic")
+    tok, task = load_tokenizer(), get_task("arithmetic", system=SYSTEM)
     rollout = RolloutSettings(num_generations=sizes.num_generations, prompts_per_step=sizes.prompts_per_step,
                               sampling=SamplingSettings(max_new_tokens=sizes.max_new_tokens))
     rows = task.prompts("train").select(range(rollout.prompts_per_step * steps))

@@ -41,6 +41,20 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def token_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor,
+                               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` and, from the same log-softmax, ``token_entropy`` where ``mask`` is set (0 elsewhere, no
+    gradient): one pass over the (N, T-1, V) distributions instead of two, and the entropy's only at the tokens
+    whose mean is logged. logits (N, T, V), input_ids (N, T), mask (N, T-1) -> (N, T-1), (N, T-1)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, T-1, V)
+    logps = torch.gather(logp, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        where = mask.bool()
+        chosen = logp.detach()[where]  # (M, V): the masked positions' distributions
+        entropy = torch.zeros_like(logps, dtype=logp.dtype).masked_scatter(where, -(chosen.exp() * chosen).sum(-1))
+    return logps, entropy
+
+
 def shift_mask(completion_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The mask aligned with token_logprobs: 1 where token t+1 is a (non-padding) completion token.
     (N, T) -> (N, T-1)."""
@@ -63,20 +77,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def forward_logprobs(model, sequences: Sequences, with_stats: bool = False) -> dict[str, torch.Tensor]:
     """Run the model on right-padded ``Sequences`` and return per-token log-probs on completion tokens.
 
-    Returns ``logps`` (N, T-1), ``mask`` (N, T-1) and, with ``with_stats``, ``entropy`` (N, T-1) and
-    ``is_top1`` (N, T-1): whether the target token was the policy's most likely one.
+    Returns ``logps`` (N, T-1), ``mask`` (N, T-1) and, with ``with_stats``, ``entropy`` (N, T-1, at completion
+    tokens only: 0 elsewhere) and ``is_top1`` (N, T-1): whether the target token was the policy's most likely one.
     """
     seqs = to_model_device(model, sequences)
     logits = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask).logits  # (N, T, V)
-    out = {
-        "logps": token_logprobs(logits, seqs.input_ids),
-        "mask": shift_mask(seqs.completion_mask, seqs.attention_mask),
-    }
-    if with_stats:
-        with torch.no_grad():
-            out["entropy"] = token_entropy(logits)
-            out["is_top1"] = (logits[:, :-1].argmax(-1) == seqs.input_ids[:, 1:]).float()
-    return out
+    mask = shift_mask(seqs.completion_mask, seqs.attention_mask)
+    if not with_stats:
+        return {"logps": token_logprobs(logits, seqs.input_ids), "mask": mask}
+    logps, entropy = token_logprobs_and_entropy(logits, seqs.input_ids, mask)
+    with torch.no_grad():
+        is_top1 = (logits[:, :-1].argmax(-1) == seqs.input_ids[:, 1:]).float()
+    return {"logps": logps, "mask": mask, "entropy": entropy, "is_top1": is_top1}
 
 
 def sequence_logps(model, sequences: Sequences, with_stats: bool = False) -> tuple[torch.Tensor, dict]:

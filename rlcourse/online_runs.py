@@ -20,6 +20,12 @@ from rlcourse import evaluate
 from rlcourse.methods.rollouts import RolloutSettings, Rollouts, trl_metrics, trl_online_config
 from rlcourse.sampling import SamplingSettings
 
+SYSTEM: str | None = None
+"""The online lessons' system message (their notebooks' ``system_prompt``, ``get_task(name, system=SYSTEM)``). None:
+SmolLM2's chat template adds its default system prompt, 16 of an arithmetic prompt's 47 tokens. An empty one ("")
+would leave 5 markup tokens and cut the tokens TRL's side computes by a third (it forwards every completion with its
+prompt), but GRPO's gains vanished without it in our runs (lesson 11, "The system prompt stays")."""
+
 
 class OnlineRun:
     """One online lesson's runs: the policy, its held-out gold results, and our and TRL's training of ``method``.

@@ -60,10 +60,12 @@ def length_reward(prompts, completions, **kwargs):
 
 
 def arithmetic_prompts(n: int) -> list[dict]:
-    """The first ``n`` prompt-only rows of the arithmetic task's train split (the online runs' prompts)."""
+    """The first ``n`` prompt-only rows of the arithmetic task's train split, with the online lessons' system message
+    (``rlcourse.online_runs.SYSTEM``): the online runs' prompts."""
+    from rlcourse.online_runs import SYSTEM
     from rlcourse.tasks import get_task
 
-    return list(get_task("arithmetic").prompts("train").select(range(n)))
+    return list(get_task("arithmetic", system=SYSTEM).prompts("train").select(range(n)))
 
 
 def tiny_policy(tokenizer):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from rlcourse.batches import PairBatch, RolloutBatch, Sequences, collate
 from rlcourse.logprobs import (forward_logprobs, masked_mean, masked_sum, sequence_logps, to_model_device,
-                               token_entropy, token_logprobs)
+                               token_entropy, token_logprobs, token_logprobs_and_entropy)
 from rlcourse.models import tiny_model
 from rlcourse.tokenization import tokenize_prompt_completion
 
@@ -36,6 +36,20 @@ def test_entropy_matches_definition_and_bounds():
     assert (token_entropy(logits) <= torch.log(torch.tensor(9.0)) + 1e-6).all()
     uniform = torch.zeros(1, 3, 9)
     torch.testing.assert_close(token_entropy(uniform), torch.full((1, 2), torch.log(torch.tensor(9.0)).item()))
+
+
+def test_logprobs_and_entropy_from_one_log_softmax_equal_the_two_apart():
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(3, 6, 11, generator=g) * 3).requires_grad_()
+    ids = torch.randint(0, 11, (3, 6), generator=g)
+    mask = (torch.rand(3, 5, generator=g) > 0.4).float()
+    logps, entropy = token_logprobs_and_entropy(logits, ids, mask)
+    torch.testing.assert_close(logps, token_logprobs(logits, ids))
+    torch.testing.assert_close(entropy, token_entropy(logits.detach()) * mask)  # 0 off the mask
+    assert not entropy.requires_grad
+    grad, = torch.autograd.grad(logps.sum(), logits)
+    expected, = torch.autograd.grad(token_logprobs(logits, ids).sum(), logits)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_masked_sum_and_mean():

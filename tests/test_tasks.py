@@ -302,3 +302,34 @@ def test_missing_file_and_bad_split(tmp_path):
     with pytest.raises(ValueError, match="train.*eval"):
         task.prompts("test")
     assert read_jsonl.__doc__  # the reader documents its checks
+
+
+# --- the system message ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(KIND_COLUMNS))
+def test_a_system_message_leads_every_prompt_and_the_reward_still_reads_the_question(kind):
+    plain, short = get_task("arithmetic"), get_task("arithmetic", system="")
+    assert plain.system is None and short.system == ""
+    for row, row_with in zip(plain.rows(kind, "eval")[:5], short.rows(kind, "eval")[:5], strict=True):
+        assert row_with["prompt"] == [{"role": "system", "content": ""}] + row["prompt"]
+        assert {k: v for k, v in row_with.items() if k != "prompt"} == {k: v for k, v in row.items() if k != "prompt"}
+    row = short.rows("prompts", "eval")[0]
+    right = [{"role": "assistant", "content": str(row["answer"])}]
+    assert short.reward([row["prompt"]], [right], **TRL_EXTRAS) == [1.0]  # the answer comes from the user turn
+
+
+def test_an_empty_system_message_is_16_tokens_shorter_than_the_templates_default(tokenizer):
+    """SmolLM2's template adds its default system prompt to a prompt without one: 16 tokens more than an empty system
+    message (the figures in rlcourse.online_runs.SYSTEM's docstring and lesson 11); rlcourse.bench.PROMPT_TOKENS is
+    the online lessons' prompt length."""
+    from rlcourse.bench import PROMPT_TOKENS
+    from rlcourse.online_runs import SYSTEM
+
+    def tokens(task):
+        prompt = task.rows("prompts", "train")[0]["prompt"]
+        return len(tokenizer(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
+                   ["input_ids"])
+
+    default, empty = tokens(get_task("arithmetic")), tokens(get_task("arithmetic", system=""))
+    assert default - empty == 16
+    assert abs(tokens(get_task("arithmetic", system=SYSTEM)) - PROMPT_TOKENS) <= 1

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from rlcourse.batches import PairBatch, PairBatches, Sequences
-from rlcourse.logprobs import masked_sum, masked_token_mean, shift_mask, to_model_device, token_entropy, token_logprobs
+from rlcourse.logprobs import masked_sum, masked_token_mean, shift_mask, to_model_device, token_logprobs_and_entropy
 from rlcourse.losses.cpo import cpo_loss
 from rlcourse.losses.sft import sft_loss
 from rlcourse.metrics import preference_metrics
@@ -58,12 +58,13 @@ def batches(rows, tokenizer, batch_size: int, max_length: int | None) -> PairBat
 
 def pair_forward(model, seqs: Sequences) -> dict[str, torch.Tensor]:
     """One policy forward of (2B, T) pairs: per-token ``logps`` (2B, T-1), the completion ``mask``, the ``real``-token
-    mask (prompt and completion, ORPO's NLL) in the logits' dtype, as TRL's, and the ``entropy`` (no gradient)."""
+    mask (prompt and completion, ORPO's NLL) in the logits' dtype, as TRL's, and the ``entropy`` (no gradient, at
+    completion tokens)."""
     logits = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask).logits  # (2B, T, V)
-    return {"logps": token_logprobs(logits, seqs.input_ids),  # (2B, T-1)
-            "mask": shift_mask(seqs.completion_mask, seqs.attention_mask),  # (2B, T-1) completion tokens
-            "real": seqs.attention_mask[:, 1:].to(logits.dtype),  # (2B, T-1) prompt + completion tokens
-            "entropy": token_entropy(logits.detach())}  # (2B, T-1)
+    mask = shift_mask(seqs.completion_mask, seqs.attention_mask)  # (2B, T-1) completion tokens
+    logps, entropy = token_logprobs_and_entropy(logits, seqs.input_ids, mask)  # (2B, T-1) each
+    return {"logps": logps, "mask": mask, "entropy": entropy,
+            "real": seqs.attention_mask[:, 1:].to(logits.dtype)}  # (2B, T-1) prompt + completion tokens
 
 
 def reference_free_metrics(chosen: torch.Tensor, rejected: torch.Tensor, scale: float, out: dict) -> dict:

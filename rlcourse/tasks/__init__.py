@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rlcourse.tasks.arithmetic import TASK as ARITHMETIC
 from rlcourse.tasks.base import SPLITS, Task
 from rlcourse.tasks.concise import TASK as CONCISE
@@ -11,12 +13,14 @@ TASKS: dict[str, Task] = {task.name: task for task in (CONCISE, ARITHMETIC)}
 """Every task, by name."""
 
 
-def get_task(name: str) -> Task:
-    """The task called ``name``; a ValueError lists the choices for an unknown name."""
+def get_task(name: str, system: str | None = None) -> Task:
+    """The task called ``name``, its prompts led by the system message ``system`` when given (``Task.system``); a
+    ValueError lists the choices for an unknown name."""
     try:
-        return TASKS[name]
+        task = TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}") from None
+    return task if system is None else replace(task, system=system)
 
 
 __all__ = ["TASKS", "SPLITS", "Task", "get_task"]

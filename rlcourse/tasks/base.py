@@ -120,6 +120,10 @@ class Task:
     """Extra columns of the prompts files that the reward reads (passed to it as keyword arguments)."""
     data_dir: Path | None = None
     """Where the JSONL files live; None means ``rlcourse.paths.DATA / name``."""
+    system: str | None = None
+    """A system message put before every prompt (the "prompt" column of every file kind); None: none, so the chat
+    template adds its default. SmolLM2's default ("You are a helpful AI assistant named SmolLM, trained by Hugging
+    Face") is 16 of an arithmetic prompt's 47 tokens; ``system=""`` leaves the template's 5 markup tokens."""
 
     def path(self, kind: str, split: str) -> Path:
         """The file of a kind ("sft", "pref", "prompts") and split ("train", "eval")."""
@@ -132,7 +136,10 @@ class Task:
     def rows(self, kind: str, split: str) -> list[dict]:
         """The checked rows of one file, as plain dicts."""
         columns = KIND_COLUMNS[kind] + (self.prompt_columns if kind == "prompts" else ())
-        return read_jsonl(self.path(kind, split), columns)
+        rows = read_jsonl(self.path(kind, split), columns)
+        if self.system is not None:
+            rows = [row | {"prompt": [{"role": "system", "content": self.system}] + row["prompt"]} for row in rows]
+        return rows
 
     def _dataset(self, kind: str, split: str):
         from datasets import Dataset
