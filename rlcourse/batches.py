@@ -70,6 +70,37 @@ class PairBatch(Batch):
     """Optimizer steps done before this batch (TR-DPO's reference sync reads it)."""
 
 
+def pair_prompt_layout(seqs: Sequences) -> tuple[torch.Tensor, ...] | None:
+    """(2B, T) pair sequences, chosen rows first, as one prompt per pair and its two completions, the layout
+    ``rlcourse.logprobs.shared_prompt_logits`` forwards each prompt once in: prompt_ids, prompt_mask (B, P)
+    left-padded; completion_ids, completion_mask (2B, C) right-padded (0), interleaved (row 2b: pair b's chosen,
+    2b+1: its rejected). None when a pair's two prompts differ, one is empty, or a completion has a token its mask
+    leaves out (a batch not made by ``tokenize_pairs``)."""
+    B = seqs.input_ids.size(0) // 2
+    lengths = seqs.attention_mask.sum(-1)  # (2B,) real tokens, right-padded
+    starts = (seqs.completion_mask.bool() & seqs.attention_mask.bool()).int().argmax(-1)  # (2B,) first completion
+    prompts, completions = [], []
+    for b in range(B):
+        pair = (b, B + b)  # chosen, rejected
+        p = int(starts[b])
+        if p == 0 or p != int(starts[B + b]) or not torch.equal(seqs.input_ids[b, :p], seqs.input_ids[B + b, :p]):
+            return None
+        if not all(bool(seqs.completion_mask[r, p:lengths[r]].all()) for r in pair):
+            return None  # a completion token the loss skips: keep the plain forward
+        prompts.append(seqs.input_ids[b, :p])
+        completions += [seqs.input_ids[r, p:lengths[r]] for r in pair]
+    P, C = max(len(x) for x in prompts), max(len(x) for x in completions)
+    prompt_ids = seqs.input_ids.new_zeros((B, P))
+    prompt_mask = torch.zeros_like(prompt_ids)
+    completion_ids = seqs.input_ids.new_zeros((2 * B, C))
+    completion_mask = torch.zeros_like(completion_ids)
+    for b, x in enumerate(prompts):
+        prompt_ids[b, P - len(x):], prompt_mask[b, P - len(x):] = x, 1
+    for r, x in enumerate(completions):
+        completion_ids[r, :len(x)], completion_mask[r, :len(x)] = x, 1
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
 @dataclass(frozen=True)
 class UnpairedBatch(Batch):
     """B completions, each labelled desirable or not, with what KTO, BCO and DRO need besides."""

@@ -46,8 +46,15 @@ def token_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor,
     """``token_logprobs`` and, from the same log-softmax, ``token_entropy`` where ``mask`` is set (0 elsewhere, no
     gradient): one pass over the (N, T-1, V) distributions instead of two, and the entropy's only at the tokens
     whose mean is logged. logits (N, T, V), input_ids (N, T), mask (N, T-1) -> (N, T-1), (N, T-1)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, T-1, V)
-    logps = torch.gather(logp, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], mask)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs_and_entropy`` for logits already aligned with their targets: logits (N, L, V), row t
+    predicting ``targets[:, t]`` (N, L); mask (N, L) -> log-probs (N, L), entropy (N, L, 0 off the mask)."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (N, L, V)
+    logps = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         where = mask.bool()
         chosen = logp.detach()[where]  # (M, V): the masked positions' distributions
@@ -100,3 +107,33 @@ def sequence_logps(model, sequences: Sequences, with_stats: bool = False) -> tup
 def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over every masked token of the batch (one number): how TRL logs entropy and accuracy."""
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def shared_prompt_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                         completion_mask: torch.Tensor, G: int,
+                         prompt_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits (N, C, V) that predict each of N = B·G completions' tokens, each of the B prompts forwarded once.
+
+    prompt_ids, prompt_mask: (B, P), left-padded. completion_ids, completion_mask: (N, C), right-padded; rows
+    b·G .. b·G+G−1 continue prompt b. The prompts run first and keep their keys and values; those are repeated G
+    times and the completions (their last token predicts nothing) run on top of them, with positions that continue
+    each prompt's. Gradients flow through the shared keys and values back into the prompts' forward, so a LoRA
+    update sees what a forward over the N full sequences would give it, up to rounding, for B·(G−1)·P fewer token
+    forwards. With ``prompt_logits`` also returns the prompts' own logits (B, P, V) (else None): position t predicts
+    prompt token t+1.
+    """
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=0 if prompt_logits else 1)
+    kept = out.logits if prompt_logits else None
+    first = out.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V): predicts completion token 0
+    C = completion_ids.size(1)
+    if C == 1:
+        return first, kept
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)
+    after = positions[:, -1:].repeat_interleave(G, dim=0) + 1 + torch.arange(C - 1, device=positions.device)
+    mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), completion_mask[:, :-1]], dim=1)  # (N, P+C−1)
+    rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask, position_ids=after,
+                 past_key_values=cache, use_cache=True).logits  # (N, C−1, V)
+    return torch.cat([first, rest], dim=1), kept

@@ -97,3 +97,21 @@ def test_unpaired_batches_name_a_fix_that_works_for_too_small_batches_or_too_few
     tokenized = tokenize_unpaired(unpair(PREFERENCE_ROWS), tokenizer)[:n]
     with pytest.raises(ValueError, match=f"{n} rows in batches of {batch_size}: .*Fix: {fix}"):
         UnpairedBatches(tokenized, batch_size, tokenizer.pad_token_id)
+
+
+def test_pair_prompt_layout_holds_each_prompt_once_and_rebuilds_every_sequence(tokenizer):
+    from rlcourse.batches import pair_prompt_layout
+    from rlcourse.methods import cpo
+
+    seqs = cpo.batches(PREFERENCE_ROWS, tokenizer, 4, None)(0).sequences  # (8, T), chosen rows first
+    prompt_ids, prompt_mask, completion_ids, completion_mask = pair_prompt_layout(seqs)
+    assert prompt_ids.shape[0] == 4 and completion_ids.shape[0] == 8
+    assert (prompt_mask[:, -1] == 1).all() and (completion_mask[:, 0] == 1).all()  # left- and right-padded
+    for row in range(8):
+        pair, side = row % 4, row // 4  # row of the sequences -> its pair and side (0 chosen, 1 rejected)
+        rebuilt = torch.cat([prompt_ids[pair][prompt_mask[pair].bool()],
+                             completion_ids[2 * pair + side][completion_mask[2 * pair + side].bool()]])
+        assert torch.equal(rebuilt, seqs.input_ids[row][seqs.attention_mask[row].bool()])
+    other = seqs.input_ids.clone()
+    other[4, 0] += 1  # pair 0's rejected row no longer has its chosen row's prompt
+    assert pair_prompt_layout(Sequences(other, seqs.attention_mask, seqs.completion_mask)) is None

@@ -1,6 +1,7 @@
 """rlcourse.logprobs against a naive loop, and padded == unpadded (tokenisation and collation: test_tokenization.py,
 test_batches.py)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -106,3 +107,32 @@ def test_to_model_device_moves_the_tensors_and_keeps_the_rest():
     assert pairs.step == 4 and pairs.sequences.input_ids.device.type == "meta"  # nested batches move too
     on_cpu = to_model_device(torch.nn.Linear(2, 2), batch)
     assert on_cpu.prompt_ids is batch.prompt_ids  # no copy of the data on the CPU
+
+
+def test_pair_forward_with_each_prompt_once_equals_the_forward_of_every_sequence(tokenizer, monkeypatch):
+    """The shared-prompt forward (rlcourse.methods.cpo.pair_forward) against the plain one over all 2B sequences
+    (its fallback, forced): per-sequence log-probs, ORPO's NLL over prompt and completion tokens, entropy, and the
+    LoRA gradients of both."""
+    from rlcourse.methods import cpo
+
+    from fixtures import PREFERENCE_ROWS, flat_grads, perturb_lora, tiny_policy
+
+    policy = tiny_policy(tokenizer)
+    perturb_lora(policy, seed=0, scale=0.05)
+    seqs = cpo.batches(PREFERENCE_ROWS, tokenizer, 4, None)(0).sequences
+
+    def run():
+        policy.zero_grad()
+        out = cpo.pair_forward(policy, seqs, prompt_tokens=True)
+        logps = masked_sum(out["logps"], out["mask"])  # (2B,) chosen rows first
+        nll = -(masked_sum(out["prompt_logps"], out["prompt_mask"]).sum() + logps[:4].sum())  # ORPO's tokens
+        entropy = (out["entropy"] * out["mask"]).sum() / out["mask"].sum()
+        (logps.sum() + nll).backward()
+        return logps.detach(), nll.detach(), entropy, flat_grads(policy).clone()
+
+    assert cpo.pair_prompt_layout(seqs) is not None
+    shared = run()
+    monkeypatch.setattr(cpo, "pair_prompt_layout", lambda seqs: None)
+    plain = run()
+    for ours, full in zip(shared, plain, strict=True):
+        torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-5)

@@ -19,8 +19,9 @@ from functools import partial
 
 import torch
 
-from rlcourse.batches import PairBatch, PairBatches, Sequences
-from rlcourse.logprobs import masked_sum, masked_token_mean, shift_mask, to_model_device, token_logprobs_and_entropy
+from rlcourse.batches import PairBatch, PairBatches, Sequences, pair_prompt_layout
+from rlcourse.logprobs import (logprobs_and_entropy, masked_sum, masked_token_mean, shared_prompt_logits, shift_mask,
+                               to_model_device, token_logprobs, token_logprobs_and_entropy)
 from rlcourse.losses.cpo import cpo_loss
 from rlcourse.losses.sft import sft_loss
 from rlcourse.metrics import preference_metrics
@@ -56,15 +57,36 @@ def batches(rows, tokenizer, batch_size: int, max_length: int | None) -> PairBat
     return PairBatches(tokenized, batch_size, tokenizer.pad_token_id, max_length)
 
 
-def pair_forward(model, seqs: Sequences) -> dict[str, torch.Tensor]:
-    """One policy forward of (2B, T) pairs: per-token ``logps`` (2B, T-1), the completion ``mask``, the ``real``-token
-    mask (prompt and completion, ORPO's NLL) in the logits' dtype, as TRL's, and the ``entropy`` (no gradient, at
-    completion tokens)."""
-    logits = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask).logits  # (2B, T, V)
-    mask = shift_mask(seqs.completion_mask, seqs.attention_mask)  # (2B, T-1) completion tokens
-    logps, entropy = token_logprobs_and_entropy(logits, seqs.input_ids, mask)  # (2B, T-1) each
-    return {"logps": logps, "mask": mask, "entropy": entropy,
-            "real": seqs.attention_mask[:, 1:].to(logits.dtype)}  # (2B, T-1) prompt + completion tokens
+def pair_forward(model, seqs: Sequences, prompt_tokens: bool = False) -> dict[str, torch.Tensor]:
+    """One policy forward of B pairs ((2B, T) sequences, chosen rows first), each pair's prompt forwarded once
+    (``batches.pair_prompt_layout``, ``logprobs.shared_prompt_logits``: the same log-probs and gradients as TRL's
+    forward over all 2B sequences, up to rounding, for ~a fifth fewer token-forwards on the concise task; logits only
+    where a loss reads them). Returns the completions' per-token ``logps``, their ``mask`` and ``entropy`` (no
+    gradient), chosen rows first; with ``prompt_tokens`` also ``prompt_logps`` and ``prompt_mask`` (B, ·): the
+    log-probs of each prompt's own tokens, which ORPO's NLL covers as TRL's does. A batch the layout does not fit
+    gets the plain forward over the 2B sequences (then the (·, T-1) columns of every token; same keys)."""
+    layout = pair_prompt_layout(seqs)
+    if layout is None:
+        logits = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask).logits  # (2B, T, V)
+        mask = shift_mask(seqs.completion_mask, seqs.attention_mask)  # (2B, T-1) completion tokens
+        logps, entropy = token_logprobs_and_entropy(logits, seqs.input_ids, mask)  # (2B, T-1) each
+        out = {"logps": logps, "mask": mask, "entropy": entropy}
+        if prompt_tokens:  # the chosen rows' real tokens that are not completion tokens
+            out |= {"prompt_logps": logps.chunk(2)[0],
+                    "prompt_mask": (seqs.attention_mask[:, 1:].float() - mask).chunk(2)[0]}
+        return out
+    prompt_ids, prompt_mask, completion_ids, completion_mask = layout  # (B, P) x2, (2B, C) x2, pairs interleaved
+    logits, prompt_logits = shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 2,
+                                                 prompt_logits=prompt_tokens)  # (2B, C, V), (B, P, V) or None
+    B2 = completion_ids.size(0)
+    chosen_first = torch.cat([torch.arange(0, B2, 2), torch.arange(1, B2, 2)]).to(completion_ids.device)
+    mask = completion_mask[chosen_first].float()  # (2B, C)
+    logps, entropy = logprobs_and_entropy(logits[chosen_first], completion_ids[chosen_first], mask)
+    out = {"logps": logps, "mask": mask, "entropy": entropy}
+    if prompt_tokens:  # left-padded: a prompt token counts when it and the one before it are real
+        out |= {"prompt_logps": token_logprobs(prompt_logits, prompt_ids),  # (B, P-1)
+                "prompt_mask": (prompt_mask[:, 1:] * prompt_mask[:, :-1]).float()}
+    return out
 
 
 def reference_free_metrics(chosen: torch.Tensor, rejected: torch.Tensor, scale: float, out: dict) -> dict:

@@ -44,9 +44,10 @@ def orpo_step(model, batch: PairBatch, settings: Settings = Settings()) -> tuple
     ``log_odds_ratio`` is TRL's name for mean log σ(log odds_w − log odds_l) (= −L_OR, a log-*sigmoid*, not the
     log odds ratio); ``log_odds_chosen`` is the mean log odds ratio itself. ``or_loss`` is L_OR (ours, added).
     """
-    out = pair_forward(model, to_model_device(model, batch.sequences))
+    out = pair_forward(model, to_model_device(model, batch.sequences), prompt_tokens=True)
     chosen, rejected = masked_mean(out["logps"], out["mask"]).chunk(2)  # (B,) per-token average log π_θ(y|x)
-    nll = sft_loss(out["logps"].chunk(2)[0], out["real"].chunk(2)[0])  # prompt + completion tokens, as TRL
+    nll = sft_loss(torch.cat([out["prompt_logps"], out["logps"].chunk(2)[0]], dim=1),  # prompt + completion
+                   torch.cat([out["prompt_mask"], out["mask"].chunk(2)[0]], dim=1))  # tokens, as TRL
     loss = orpo_loss(chosen, rejected, nll, settings.lambda_)
     with torch.no_grad():
         or_loss = odds_ratio_loss(chosen, rejected)  # (B,)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rlcourse.batches import RolloutBatch, batch_indices, pad_rollout
-from rlcourse.logprobs import masked_token_mean, to_model_device
+from rlcourse.logprobs import logprobs_and_entropy, masked_token_mean, shared_prompt_logits, to_model_device
 from rlcourse.losses.off_policy import sampler_gap_metrics
 from rlcourse.models import reference_policy
 from rlcourse.rollout_engine import sampler_for
@@ -117,24 +117,23 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     Only the completion positions' logits are computed: position P−1+t predicts completion token t. Logits are
     divided by the sampling temperature, as TRL does. With ``num_generations`` = G > 1 and the rows in groups of G
     that share their prompt (as rollouts are), each prompt's forward runs once and its G completions attend to its
-    keys and values (``shared_prompt_logits``): the same log-probs, and gradients, for ~P/C fewer token-forwards.
+    keys and values (``rlcourse.logprobs.shared_prompt_logits``): the same log-probs, and gradients, for ~P/C fewer
+    token-forwards. The entropies are taken at completion tokens (0 on padding).
     """
     batch = to_model_device(model, batch)
     if num_generations > 1 and _prompts_repeat(batch, num_generations):
-        logits = shared_prompt_logits(model, batch, num_generations)  # (N, C, V)
+        G = num_generations
+        logits, _ = shared_prompt_logits(model, batch.prompt_ids[::G], batch.prompt_mask[::G], batch.completion_ids,
+                                         batch.completion_mask, G)  # (N, C, V)
     else:
         input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)  # (N, P+C)
         attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)  # (N, P+C)
         C = batch.completion_ids.size(1)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=C + 1).logits[:, :-1]
     logits = logits.float() / temperature  # (N, C, V): row t predicts completion token t
-    logp_all = F.log_softmax(logits, dim=-1)  # (N, C, V)
-    logps = torch.gather(logp_all, 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, C)
-    if not with_entropy:
-        return logps, None
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N, C)
-    return logps, entropy
+    if with_entropy:  # entropy at the completion's tokens, 0 on padding
+        return logprobs_and_entropy(logits, batch.completion_ids, batch.completion_mask)
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1), None
 
 
 def _prompts_repeat(batch: RolloutBatch, G: int) -> bool:
@@ -145,32 +144,6 @@ def _prompts_repeat(batch: RolloutBatch, G: int) -> bool:
     ids = batch.prompt_ids.view(N // G, G, P)
     return bool((ids == ids[:, :1]).all()) and bool((batch.prompt_mask.view(N // G, G, P) ==
                                                     batch.prompt_mask.view(N // G, G, P)[:, :1]).all())
-
-
-def shared_prompt_logits(model, batch: RolloutBatch, G: int) -> torch.Tensor:
-    """The logits (N, C, V) that predict each completion token, with each group's prompt forwarded once.
-
-    The B = N/G distinct prompts (left-padded, (B, P)) run first and keep their keys and values; those are repeated
-    G times and the completions (N, C−1: the last token predicts nothing) run on top of them, with positions that
-    continue each prompt's. Gradients flow through the shared keys and values back into the prompt's forward, so
-    a LoRA update sees exactly what a forward over the N full sequences would give it, up to rounding.
-    """
-    N, P = batch.prompt_ids.shape
-    prompt_mask = batch.prompt_mask[::G]  # (B, P)
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    out = model(input_ids=batch.prompt_ids[::G], attention_mask=prompt_mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V): predicts completion token 0
-    C = batch.completion_ids.size(1)
-    if C == 1:
-        return first
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)
-    after = positions[:, -1:].repeat_interleave(G, dim=0) + 1 + torch.arange(C - 1, device=positions.device)
-    mask = torch.cat([batch.prompt_mask, batch.completion_mask[:, :-1]], dim=1)  # (N, P+C−1)
-    rest = model(input_ids=batch.completion_ids[:, :-1], attention_mask=mask, position_ids=after,
-                 past_key_values=cache, use_cache=True).logits  # (N, C−1, V)
-    return torch.cat([first, rest], dim=1)
 
 
 def policy_logprobs(model, batch: RolloutBatch, temperature: float, beta: float, num_generations: int = 1):
