@@ -11,7 +11,9 @@ run's caches don't speed up the next. The first step (warm-up: allocations, kern
 the median. The online methods run at the ``cpu`` profile's size and their step is split into the same parts on
 both sides (``PHASES``: weight sync, prefill, decode, reward, reference forward, policy forward, backward,
 optimizer, and the rest), ours from our training log, TRL's by wrapping what its trainer calls (``TRLPhases``),
-beside the floor this machine's measured matmul rate sets for such a step.
+beside the floor this machine's measured matmul rate sets for such a step. TRL's online trainers run twice: with their
+own ``model.generate`` ("TRL", the ratio's reference) and sampling through the rollout engine ("TRL-engine",
+``rlcourse.trl_rollouts``, as the online lessons run them).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def _our_phases(row: dict) -> dict[str, float]:
 
 class TRLPhases:
     """Times the same parts inside a TRL online trainer by wrapping what it calls: ``_generate`` (its model's
-    forwards there: prompt-length inputs are prefill, one-token inputs decode), the reward function, the log-prob
+    forwards there: prompt-length inputs are prefill, one-token inputs decode; through the rollout engine, the
+    engine's own sync, prefill and decode seconds), the reward function, the log-prob
     forwards (without gradient: the reference's, or the old policy's; with it: the policy's), the backward and the
     optimizer (the callback's ``on_pre_optimizer_step`` / ``on_optimizer_step``)."""
 
@@ -151,6 +154,9 @@ class TRLPhases:
                 return generate(*args, **kwargs)
             finally:
                 self.generating = False
+                for timings in trainer.__dict__.pop("rollout_timings", []):  # through the rollout engine: its own
+                    for phase, seconds in timings.items():
+                        self.current[phase] += seconds
 
         trainer._generate = generating
         self._wrap(trainer, "_get_per_token_logps_and_entropies", self._logps)
@@ -220,6 +226,7 @@ def _online(bench: Bench, impl: str, batch_size: int, steps: int, out) -> dict[s
     from rlcourse.sampling import SamplingSettings
     from rlcourse.tasks import get_task
     from rlcourse.train import TrainConfig, train
+    from rlcourse.trl_rollouts import trl_trainer_class
     from rlcourse.trl_runs import run_trl
 
     method = importlib.import_module(f"rlcourse.methods.{bench.module}")
@@ -237,7 +244,7 @@ def _online(bench: Bench, impl: str, batch_size: int, steps: int, out) -> dict[s
                     out, resume=False, progress=False)
         parts = [_our_phases(r) | {"step": r["step_time"]} for r in log.rows]
     else:
-        trainer_cls, _ = method.trl_classes()
+        trainer_cls = trl_trainer_class(method, "engine" if impl == "TRL-engine" else "transformers")
         reward = task.reward
         trainer = trainer_cls(model=model, reward_funcs=reward, train_dataset=rows, processing_class=tok,
                               args=trl_online_config(method, settings, rollout, config, out))
@@ -274,6 +281,12 @@ def measure(method: str, impl: str, batch_size: int, steps: int) -> list[dict]:
     return rows
 
 
+def _impls(method: str) -> tuple[str, ...]:
+    """What runs for ``method``: ours and TRL's trainer; for an online method also TRL's trainer sampling through the
+    rollout engine (``rlcourse.trl_rollouts``, as the online lessons run it). The ratio is always to TRL's own."""
+    return ("ours", "TRL", "TRL-engine") if METHODS[method].data == "prompts" else ("ours", "TRL")
+
+
 def _ratios(rows: list[dict]) -> dict[str, float]:
     """method -> our median step / TRL's."""
     step = {(r["method"], r["impl"]): r["median_step_s"] for r in rows}
@@ -301,7 +314,7 @@ def main(argv=None) -> list[dict]:
     from rlcourse.profiles import get_profile
 
     ceiling = measure_ceiling()  # first, alone: the runs below are separate processes that have finished
-    rows = [row for method in args.methods for impl in ("ours", "TRL")
+    rows = [row for method in args.methods for impl in _impls(method)
             for row in measure(method, impl, args.batch_size, args.steps)]
     precision = current_precision()
     device = f"{precision.device}: {precision.hardware}"
@@ -323,7 +336,7 @@ def main(argv=None) -> list[dict]:
                   "| method | impl | step | " + " | ".join(p.replace("_", " ") for p in PHASES) + " | other |",
                   "|---|---|" + "---:|" * (len(PHASES) + 2)]
         for m in online:
-            for impl in ("ours", "TRL"):
+            for impl in _impls(m):
                 cells = [parts[(m, impl)]] + [parts[(m, f"{impl}/{p}")] for p in (*PHASES, "other")]
                 lines.append(f"| {m} | {impl} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
             floor = online_floor(ceiling, getattr(get_profile("cpu"), METHODS[m].module))

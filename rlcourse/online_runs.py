@@ -31,17 +31,23 @@ class OnlineRun:
     """One online lesson's runs: the policy, its held-out gold results, and our and TRL's training of ``method``.
 
     method: an online method module. sizes: the lesson's ``rlcourse.profiles.OnlineSizes`` (or any object with
-    those fields). P: the profile (steps, batch size, probes, checkpoints). Training prompts are the task's train
+    those fields). P: the profile (steps, batch size, probes, checkpoints). trl_generation: how TRL's trainer samples
+    (``rlcourse.trl_rollouts``): "engine", through the rollout engine ours uses, as TRL samples through vLLM on a GPU
+    (about a third of its step saved on a CPU), or "transformers", its own ``model.generate``. Training prompts are the task's train
     split shuffled with ``seed``; held-out prompts its first ``sizes.n_eval`` eval prompts. ``gold`` and
     ``gold_greedy`` collect ``evaluate``'s results by name.
     """
 
-    def __init__(self, method, task, sizes, P, out, seed: int = 0, temperature: float = 1.0):
+    def __init__(self, method, task, sizes, P, out, seed: int = 0, temperature: float = 1.0,
+                 trl_generation: str = "engine"):
         from rlcourse.models import LoraSettings, load_model, load_tokenizer
         from rlcourse.probe import make_probe, probe_steps
         from rlcourse.train import TrainConfig
 
+        from rlcourse.trl_rollouts import trl_trainer_class
+
         self.method, self.task, self.sizes, self.P, self.out, self.seed = method, task, sizes, P, Path(out), seed
+        self.trl_trainer_cls = trl_trainer_class(method, trl_generation)
         self.train_rows = task.prompts("train").shuffle(seed=seed)
         held_out = task.prompts("eval")
         self.eval_prompts = held_out.select(range(min(sizes.n_eval, len(held_out))))
@@ -125,9 +131,8 @@ class OnlineRun:
 
         remove_reference_adapter(self.policy)
         restore_lora(self.policy, self.initial_adapters)
-        trainer_cls, _ = self.method.trl_classes()
         self.trl_probe = ProbeCallback(self.probe, self.probe_at - {0})  # step 0: the same adapters as ours
-        trainer = trainer_cls(model=self.policy, reward_funcs=self.task.reward,
+        trainer = self.trl_trainer_cls(model=self.policy, reward_funcs=self.task.reward,
                               args=trl_online_config(self.method, settings, self.rollout, self.train_config,
                                                      self.out / "trl"),
                               train_dataset=self.train_rows, processing_class=self.tok, callbacks=[self.trl_probe])
@@ -200,7 +205,6 @@ class OnlineRun:
             return {}, {}
         policy, out_dir = self.policy, self.out / "seeds"
         with_ref = REF_ADAPTER in policy.peft_config
-        trainer_cls, _ = self.method.trl_classes()
 
         def back_to_start(ref: bool) -> None:
             remove_reference_adapter(policy)
@@ -220,7 +224,7 @@ class OnlineRun:
             reruns["ours"].append((seed, log, self.sampled_gold()))
 
             back_to_start(False)  # TRL adds its own "ref" when it needs one
-            trainer = trainer_cls(model=policy, reward_funcs=self.task.reward, train_dataset=rows,
+            trainer = self.trl_trainer_cls(model=policy, reward_funcs=self.task.reward, train_dataset=rows,
                                   processing_class=self.tok,
                                   args=trl_online_config(self.method, settings, self.rollout, tc,
                                                          out_dir / f"trl-{seed}"))

@@ -55,14 +55,14 @@ def make_trainer(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def make_online_trainer(make_trainer):
-    """``make_online_trainer(method, settings)`` -> (TRL's trainer of an online method module, its prompt rows): the
+    """``make_online_trainer(method, settings, generation="transformers")`` -> (TRL's trainer of an online method module, its prompt rows): the
     first ``fixtures.ROLLOUT.prompts_per_step`` arithmetic prompts, LoRA perturbed by ``fixtures.ONLINE_PERTURB``,
     the model in training mode."""
     from fixtures import ONLINE_PERTURB, ROLLOUT, arithmetic_prompts
 
-    def make(method, settings):
+    def make(method, settings, generation="transformers"):
         rows = arithmetic_prompts(ROLLOUT.prompts_per_step)
-        trainer = make_trainer(method, settings, rows, rollout=ROLLOUT, perturb=ONLINE_PERTURB)
+        trainer = make_trainer(method, settings, rows, rollout=ROLLOUT, perturb=ONLINE_PERTURB, generation=generation)
         trainer.model.train()
         return trainer, rows
 

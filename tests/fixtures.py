@@ -91,15 +91,19 @@ def train_config(batch_size: int) -> TrainConfig:
 
 def trl_trainer(method, settings, rows, tokenizer, output_dir, *, max_length: int | None = MAX_LENGTH,
                 batch_size: int = 4, rollout: rollouts.RolloutSettings | None = None, reward=length_reward,
-                perturb: tuple[int, float] | None = (1, 0.3), **overrides):
+                perturb: tuple[int, float] | None = (1, 0.3), generation: str = "transformers", **overrides):
     """TRL's trainer of a method module (``method.trl_classes()``), on the tiny policy and ``rows``, configured by
     ``method.trl_kwargs(settings, ...)`` (``overrides`` win). Online methods (``rollout`` given) get
     ``rollouts.trl_online_config`` and ``reward`` as TRL's ``reward_funcs``.
 
     ``perturb``: (seed, scale) of ``perturb_lora``, applied once the trainer is built, so that TRL's "ref" adapter
     keeps the fresh copy (π_ref = the base model, as ours with the adapters off); None keeps the fresh adapters.
+    ``generation``: how an online trainer samples (``rlcourse.trl_rollouts.GENERATION``), TRL's own by default.
     """
-    trainer_cls, config_cls = method.trl_classes()
+    from rlcourse.trl_rollouts import trl_trainer_class
+
+    _, config_cls = method.trl_classes()
+    trainer_cls = trl_trainer_class(method, generation) if rollout is not None else method.trl_classes()[0]
     data = dict(model=tiny_policy(tokenizer), train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     if rollout is None:
         kwargs = method.trl_kwargs(settings, max_length) | overrides
