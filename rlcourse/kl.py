@@ -263,7 +263,8 @@ def sequence_kl(model, tokenizer, prompts: list, completions: list[str], batch_s
 
     The exact per-token KL (``exact_token_kl``) summed over the completion's tokens: the lower-variance
     counterpart of summing k1 over the same tokens. The completions are text, re-tokenized with the chat
-    template (the probes log this during training).
+    template (the probes log this during training). Without gradient, and with logits only from the first
+    position that predicts a completion token on: the prompts' vocabulary-wide logits would cost ~10× more.
     """
     was_training = model.training
     model.eval()
@@ -275,11 +276,17 @@ def sequence_kl(model, tokenizer, prompts: list, completions: list[str], batch_s
         ]
         batch = to_model_device(model, collate(rows, tokenizer.pad_token_id))
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        logp = F.log_softmax(model(**inputs).logits[:, :-1].float(), -1)  # (N, T-1, V)
-        with reference_policy(model):
-            logq = F.log_softmax(model(**inputs).logits[:, :-1].float(), -1)  # (N, T-1, V)
-        token_kl = exact_token_kl(logp, logq)  # (N, T-1)
-        mask = shift_mask(batch.completion_mask, batch.attention_mask)  # (N, T-1)
-        out.extend((token_kl * mask).sum(-1).tolist())
+        mask = shift_mask(batch.completion_mask, batch.attention_mask)  # (N, T-1): position t predicts token t+1
+        if not bool(mask.any()):  # every completion empty
+            out.extend([0.0] * mask.size(0))
+            continue
+        first = int(mask.any(0).nonzero()[0])  # the first position that predicts a completion token
+        keep = mask.size(1) - first + 1  # logits of positions first..T-1; the last one predicts nothing
+        with torch.no_grad():
+            logp = F.log_softmax(model(**inputs, logits_to_keep=keep).logits[:, :-1].float(), -1)  # (N, T-1-first, V)
+            with reference_policy(model):
+                logq = F.log_softmax(model(**inputs, logits_to_keep=keep).logits[:, :-1].float(), -1)
+        token_kl = exact_token_kl(logp, logq)  # (N, T-1-first)
+        out.extend((token_kl * mask[:, first:]).sum(-1).tolist())
     model.train(was_training)
     return out

@@ -81,10 +81,11 @@ class OnlineRun:
 
     def sampled_gold(self, base: bool = False, prompts=None):
         """Gold of the policy as it stands: the mean of ``eval_samples`` samples per held-out prompt (``prompts``:
-        other held-out prompts, e.g. the probes')."""
+        other held-out prompts, e.g. the probes'); ``base``: of the base model, ``base_eval_samples`` per prompt."""
         prompts = self.eval_prompts if prompts is None else prompts
+        samples = self.sizes.base_eval_samples if base else self.sizes.eval_samples
         return evaluate.gold_eval(self.policy, self.tok, self.task, prompts, self.sampled,
-                                  self.P.eval_batch_size, base=base, samples=self.sizes.eval_samples)
+                                  self.P.eval_batch_size, base=base, samples=samples)
 
     def evaluate(self, name: str, base: bool = False) -> None:
         """Gold on the held-out prompts under ``name``: sampled (the policy's expected reward, what RL maximises)
@@ -154,7 +155,8 @@ class OnlineRun:
 
     def report(self) -> tuple[dict, dict]:
         """The gold results against the start, sampled then greedy (``evaluate.report``), and a look at samples."""
-        print("sampled, the mean of", self.sizes.eval_samples, "samples per held-out prompt (the reward RL maximises):")
+        print(f"sampled, the mean of {self.sizes.eval_samples} samples per held-out prompt (the base model's: "
+              f"{self.sizes.base_eval_samples}), the reward RL maximises:")
         self.summary["sampled"] = evaluate.report(self.gold, baseline=self.start_name)
         print("greedy:")
         self.summary["greedy"] = evaluate.report(self.gold_greedy, baseline=self.start_name)

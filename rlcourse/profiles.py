@@ -71,6 +71,9 @@ class OnlineSizes:
     """Held-out prompts of the gold evaluation and of the probes."""
     eval_samples: int
     """Completions sampled per held-out prompt: gold is their mean, the expected reward RL maximises."""
+    base_eval_samples: int
+    """The same for the base model (adapters off): its gold sits far below the SFT start, and its completions run
+    to ``max_new_tokens``, so fewer samples show it at a fraction of the cost."""
     n_probe: int
     """Held-out prompts of the probes during training (the first of the ``n_eval``), one sample each."""
     probe_every: int
@@ -125,16 +128,19 @@ class Profile:
 _ONLINE = {
     "ci": OnlineSizes(steps=3, num_generations=2, prompts_per_step=1, max_new_tokens=8, learning_rate=2e-4,
                       warm_start_steps=2, warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=6,
-                      eval_samples=2, n_probe=6, probe_every=3, extra_seeds=1),
+                      eval_samples=2, base_eval_samples=2, n_probe=6, probe_every=3, extra_seeds=1),
     # cpu: one seed a side by default (the reruns are a parameter, extra_seeds). Sampled gold, SFT start -> ours, one
-    # run each: 20 steps of 3 prompts at 3e-4 0.305 -> 0.268; 24 of 4 at 2e-4 0.305 -> 0.395; with an empty system
-    # prompt, GRPO at 5e-4 collapsed (0.315 -> 0.085) and at 1e-4 barely moved (0.315 -> 0.328)
+    # run each: 20 steps of 3 prompts at 3e-4 0.305 -> 0.268; 24 of 4 at 2e-4 0.305 -> 0.395; 24 of 4 with G = 6
+    # 0.323 -> 0.293; with an empty system prompt, GRPO at 5e-4 collapsed (0.315 -> 0.085) and at 1e-4 barely moved
+    # (0.315 -> 0.328). 16 samples per held-out prompt: the same two GRPO adapters measured +0.070 [-0.003, +0.145]
+    # and +0.090 [+0.020, +0.165] with 4 (two evaluations), +0.112 [+0.048, +0.178] and +0.134 [+0.069, +0.203]
+    # with 16: with 4, a gain's estimate moves by more than its interval's margin over zero.
     "cpu": OnlineSizes(steps=24, num_generations=8, prompts_per_step=4, max_new_tokens=16, learning_rate=2e-4,
                        warm_start_steps=30, warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=100,
-                       eval_samples=4, n_probe=32, probe_every=12, extra_seeds=0),
+                       eval_samples=16, base_eval_samples=4, n_probe=16, probe_every=12, extra_seeds=0),
     "gpu": OnlineSizes(steps=150, num_generations=8, prompts_per_step=8, max_new_tokens=16, learning_rate=2e-4,
                        warm_start_steps=60, warm_start_learning_rate=5e-4, warm_start_max_length=64, n_eval=100,
-                       eval_samples=8, n_probe=100, probe_every=30, extra_seeds=2),
+                       eval_samples=16, base_eval_samples=8, n_probe=100, probe_every=30, extra_seeds=2),
 }
 
 PROFILES = {

@@ -325,3 +325,40 @@ def test_exercise_checkers_accept_the_reference_and_reject_wrong_answers(capsys)
 
     check_kl_k3(stub)
     assert "not attempted" in capsys.readouterr().out
+
+
+# --- the probes' sequence KL --------------------------------------------------------------------------
+
+
+def test_sequence_kl_is_the_exact_kl_summed_over_the_completion_tokens(policy, tokenizer):
+    """On the tiny policy against its "ref" adapter: the completion positions' logits alone give what the full
+    forward gives, for prompts of different lengths, an empty completion and a policy equal to its reference."""
+    import torch.nn.functional as F
+
+    from fixtures import arithmetic_prompts, perturb_lora
+    from rlcourse.batches import collate
+    from rlcourse.kl import sequence_kl
+    from rlcourse.logprobs import shift_mask
+    from rlcourse.models import add_reference_adapter, reference_policy
+    from rlcourse.tokenization import tokenize_prompt_completion
+
+    prompts = [r["prompt"] for r in arithmetic_prompts(3)]
+    prompts[1] = [{"role": "user", "content": "What is 2 + 2? Take a deep breath, then reply with the number."}]
+    completions = ["12", "4, since two and two make four", ""]
+    perturb_lora(policy, 1, 0.05)
+    add_reference_adapter(policy)
+    assert sequence_kl(policy, tokenizer, prompts, completions) == pytest.approx([0.0] * 3, abs=1e-6)
+    perturb_lora(policy, 2, 0.05)  # the policy moves, the reference stays
+
+    rows = [tokenize_prompt_completion(tokenizer, p, [{"role": "assistant", "content": c}])
+            for p, c in zip(prompts, completions)]
+    batch = collate(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = F.log_softmax(policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1)
+        with reference_policy(policy):
+            logq = F.log_softmax(policy(input_ids=batch.input_ids,
+                                        attention_mask=batch.attention_mask).logits[:, :-1], -1)
+    expected = (exact_token_kl(logp, logq) * shift_mask(batch.completion_mask, batch.attention_mask)).sum(-1)
+    got = sequence_kl(policy, tokenizer, prompts, completions, batch_size=2)
+    assert expected[0] > 0 and expected[1] > expected[0]
+    assert got == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)

@@ -60,7 +60,7 @@ def test_sizes_the_runs_can_use(name):
     p = get_profile(name)
     for online in (p.rloo, p.grpo):
         assert online.num_generations >= 2, "RLOO's leave-one-out baseline and GRPO's group std need two samples"
-        assert online.prompts_per_step >= 1 and online.eval_samples >= 1
+        assert online.prompts_per_step >= 1 and 1 <= online.base_eval_samples <= online.eval_samples
     assert p.ipo.n_pairs % p.ipo.batch_size == 0, "every pair is seen once per n_pairs / batch_size steps"
     assert p.kl_penalty.samples_per_prompt >= 2, "the estimators' spread needs two samples per prompt"
     assert p.forward_timing_repeats >= 1 and p.step_cost_repeats >= 1
