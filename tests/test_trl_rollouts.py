@@ -81,3 +81,19 @@ def test_the_engine_refuses_what_it_cannot_sample(make_online_trainer):
     assert trl_trainer_class(grpo, "transformers") is grpo.trl_classes()[0]
     assert trl_trainer_class(rloo, "engine") is engine_trainer_class(rloo.trl_classes()[0])
     assert GENERATION[0] == "engine"
+
+
+def test_bench_splits_a_trl_engine_step_into_its_parts(make_online_trainer):
+    """``make bench`` times TRL's engine-sampling step from the engine's own timings: nothing falls to "other"
+    unmeasured except bookkeeping."""
+    from rlcourse.bench import PHASES, TRLPhases
+
+    trainer, _ = make_online_trainer(grpo, SETTINGS[grpo], generation="engine")
+    timer = TRLPhases(trainer, length_reward)
+    trainer.reward_funcs = [timer.reward_fn]
+    trainer.add_callback(timer)
+    trainer.args.max_steps = 1
+    trainer.train()
+    (step,) = timer.steps
+    assert all(step[p] > 0 for p in ("prefill", "decode", "reward", "policy_forward", "backward", "optimizer"))
+    assert sum(step[p] for p in PHASES) <= step["step"]
