@@ -33,9 +33,9 @@ class OnlineRun:
     method: an online method module. sizes: the lesson's ``rlcourse.profiles.OnlineSizes`` (or any object with
     those fields). P: the profile (steps, batch size, probes, checkpoints). trl_generation: how TRL's trainer samples
     (``rlcourse.trl_rollouts``): "engine", through the rollout engine ours uses, as TRL samples through vLLM on a GPU
-    (about a third of its step saved on a CPU), or "transformers", its own ``model.generate``. Training prompts are the task's train
-    split shuffled with ``seed``; held-out prompts its first ``sizes.n_eval`` eval prompts. ``gold`` and
-    ``gold_greedy`` collect ``evaluate``'s results by name.
+    (a fifth of its step saved on a CPU, ``make bench``), or "transformers", its own ``model.generate``. Training
+    prompts are the task's train split shuffled with ``seed``; held-out prompts its first ``sizes.n_eval`` eval
+    prompts. ``gold`` and ``gold_greedy`` collect ``evaluate``'s results by name.
     """
 
     def __init__(self, method, task, sizes, P, out, seed: int = 0, temperature: float = 1.0,
@@ -43,7 +43,6 @@ class OnlineRun:
         from rlcourse.models import LoraSettings, load_model, load_tokenizer
         from rlcourse.probe import make_probe, probe_steps
         from rlcourse.train import TrainConfig
-
         from rlcourse.trl_rollouts import trl_trainer_class
 
         self.method, self.task, self.sizes, self.P, self.out, self.seed = method, task, sizes, P, Path(out), seed
@@ -134,9 +133,10 @@ class OnlineRun:
         restore_lora(self.policy, self.initial_adapters)
         self.trl_probe = ProbeCallback(self.probe, self.probe_at - {0})  # step 0: the same adapters as ours
         trainer = self.trl_trainer_cls(model=self.policy, reward_funcs=self.task.reward,
-                              args=trl_online_config(self.method, settings, self.rollout, self.train_config,
-                                                     self.out / "trl"),
-                              train_dataset=self.train_rows, processing_class=self.tok, callbacks=[self.trl_probe])
+                                       args=trl_online_config(self.method, settings, self.rollout, self.train_config,
+                                                              self.out / "trl"),
+                                       train_dataset=self.train_rows, processing_class=self.tok,
+                                       callbacks=[self.trl_probe])
         if self.sizes.warm_start_steps and REF_ADAPTER not in self.policy.peft_config:
             add_reference_adapter(self.policy)
         return trainer
@@ -227,9 +227,9 @@ class OnlineRun:
 
             back_to_start(False)  # TRL adds its own "ref" when it needs one
             trainer = self.trl_trainer_cls(model=policy, reward_funcs=self.task.reward, train_dataset=rows,
-                                  processing_class=self.tok,
-                                  args=trl_online_config(self.method, settings, self.rollout, tc,
-                                                         out_dir / f"trl-{seed}"))
+                                           processing_class=self.tok,
+                                           args=trl_online_config(self.method, settings, self.rollout, tc,
+                                                                  out_dir / f"trl-{seed}"))
             log = trl_metrics(run_trl(trainer))
             log.save(out_dir / f"trl-{seed}")
             reruns["TRL"].append((seed, log, self.sampled_gold()))

@@ -55,9 +55,10 @@ def make_trainer(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def make_online_trainer(make_trainer):
-    """``make_online_trainer(method, settings, generation="transformers")`` -> (TRL's trainer of an online method module, its prompt rows): the
-    first ``fixtures.ROLLOUT.prompts_per_step`` arithmetic prompts, LoRA perturbed by ``fixtures.ONLINE_PERTURB``,
-    the model in training mode."""
+    """``make_online_trainer(method, settings, generation="transformers")`` -> (TRL's trainer of an online method
+    module, its prompt rows): the first ``fixtures.ROLLOUT.prompts_per_step`` arithmetic prompts, LoRA perturbed by
+    ``fixtures.ONLINE_PERTURB``, the model in training mode; ``generation``: how it samples
+    (``rlcourse.trl_rollouts.GENERATION``)."""
     from fixtures import ONLINE_PERTURB, ROLLOUT, arithmetic_prompts
 
     def make(method, settings, generation="transformers"):
