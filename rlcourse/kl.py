@@ -264,7 +264,7 @@ def sequence_kl(model, tokenizer, prompts: list, completions: list[str], batch_s
     The exact per-token KL (``exact_token_kl``) summed over the completion's tokens: the lower-variance
     counterpart of summing k1 over the same tokens. The completions are text, re-tokenized with the chat
     template (the probes log this during training). Without gradient, and with logits only from the first
-    position that predicts a completion token on: the prompts' vocabulary-wide logits would cost ~10× more.
+    position that predicts a completion token on: no vocabulary-wide logits for positions inside the prompts.
     """
     was_training = model.training
     model.eval()
@@ -283,7 +283,8 @@ def sequence_kl(model, tokenizer, prompts: list, completions: list[str], batch_s
         first = int(mask.any(0).nonzero()[0])  # the first position that predicts a completion token
         keep = mask.size(1) - first + 1  # logits of positions first..T-1; the last one predicts nothing
         with torch.no_grad():
-            logp = F.log_softmax(model(**inputs, logits_to_keep=keep).logits[:, :-1].float(), -1)  # (N, T-1-first, V)
+            # (N, T-1-first, V): from the first completion-predicting position on
+            logp = F.log_softmax(model(**inputs, logits_to_keep=keep).logits[:, :-1].float(), -1)
             with reference_policy(model):
                 logq = F.log_softmax(model(**inputs, logits_to_keep=keep).logits[:, :-1].float(), -1)
         token_kl = exact_token_kl(logp, logq)  # (N, T-1-first)

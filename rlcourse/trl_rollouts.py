@@ -2,14 +2,14 @@
 
 TRL's ``GRPOTrainer`` and ``RLOOTrainer`` generate with ``model.generate`` unless told to use vLLM (CUDA only). On a
 CPU that path dequantises every 4-bit weight at every decoded token and prefills each prompt G times: 7.0 s of
-GRPOTrainer's 26.9 s step at the ``cpu`` profile's size from the base model, 3.4 s through the engine (``make bench``
-on a 2-core AVX2 CPU). ``engine_trainer_class(GRPOTrainer)`` is the same
-trainer with one method replaced, ``_generate_single_turn`` (the one that holds TRL's vLLM branch): the prompt ids
-TRL tokenised go to ``rlcourse.rollout_engine``, a merged copy of the same policy synced after every optimizer step
-(TRL's vLLM weight-sync pattern), and the completions come back as TRL's own path returns them, each cut after its
-first end-of-sequence token. Everything else is TRL's code: rewards, advantages, the log-probs of the 4-bit policy,
-the loss, the optimizer. The sampler's log-probs are not handed to TRL (it has no importance-sampling correction
-outside vLLM); our loop measures the sampler/policy gap on the same engine every step.
+GRPOTrainer's 26.9 s step at the ``cpu`` profile's size from the base model, 3.4 s through the engine
+(``make bench`` on a 2-core AVX2 CPU, fp32). ``engine_trainer_class(GRPOTrainer)`` is the same trainer with one
+method replaced, ``_generate_single_turn`` (the one that holds TRL's vLLM branch): the prompt ids TRL tokenised go to
+``rlcourse.rollout_engine``, a merged copy of the same policy synced after every optimizer step (TRL's vLLM
+weight-sync pattern), and the completions come back as TRL's own path returns them, each cut after its first
+end-of-sequence token. Everything else is TRL's code: rewards, advantages, the log-probs of the 4-bit policy, the
+loss, the optimizer. The sampler's log-probs are not handed to TRL (it has no importance-sampling correction outside
+vLLM); our loop measures the sampler/policy gap on the same engine every step.
 
     trainer_cls = engine_trainer_class(method.trl_classes()[0])   # or trl_trainer_class(method, "engine")
 """

@@ -41,7 +41,7 @@ def test_trl_samples_what_our_rollouts_sample(make_online_trainer, tokenizer, me
     ids = prompt_ids(tokenizer, [r["prompt"] for r in rows])
     torch.manual_seed(7)
     samples = sampler.sample(ids, G, ROLLOUT.sampling.max_new_tokens, eos_token_ids(policy, tokenizer),
-                                         tokenizer.pad_token_id)
+                             tokenizer.pad_token_id)
     assert theirs == samples.completion_ids
     assert [ids[m.bool()].tolist() for ids, m in zip(out["prompt_ids"], out["prompt_mask"])] == [
         p for p in ids for _ in range(G)]
